@@ -1,0 +1,1 @@
+"""Qwen-VL-Chat fine-tuning workbench."""

@@ -1,0 +1,45 @@
+"""`workbench` command line: one module per command in this package.
+
+Each command module defines `add_parser(subparsers)` and `run(args) -> int | None`, and imports
+heavy libraries (torch, transformers) inside `run`, so `workbench --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from workbench.errors import WorkbenchError
+
+COMMANDS = ["train", "merge", "inspect", "data", "eval", "chat", "bench", "vit", "demo"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="workbench", description="Fine-tune Qwen-VL-Chat with LoRA/QLoRA.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"workbench.cli.{name}")
+        except ModuleNotFoundError as err:
+            if err.name == f"workbench.cli.{name}":
+                continue  # command not built yet
+            raise
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except WorkbenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
