@@ -1,0 +1,280 @@
+"""Model folders: resolve, read weights shard by shard, write sharded copies, fingerprint.
+
+Three weight layouts are read (spec §8.4), first match wins: `model.safetensors`,
+`model.safetensors.index.json` + shards, `pytorch_model.bin.index.json` + `.bin` shards
+(torch-saved plain dicts; also a lone `pytorch_model.bin`). `load_model` builds the model on
+the meta device and assigns each shard's tensors as it is read, so the 9.6B release never
+exists twice in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from workbench.errors import CheckpointError
+from workbench.model.config import QWenConfig, load_config, precision_dtype
+
+SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+WEIGHT_INDEXES = (SAFE_INDEX, BIN_INDEX)
+
+
+def resolve_model_dir(path_or_repo: str | os.PathLike) -> Path:
+    """A local folder as is; anything else is taken as a hub repo id and downloaded (cached)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: is a file; a model folder (config.json + weights) is expected")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(path_or_repo)))
+    except Exception as e:  # offline, unknown repo, bad id: all mean "no such model" to the user
+        raise CheckpointError(f"{path_or_repo}: no such local folder, and downloading it as a hub repo "
+                              f"failed ({type(e).__name__}: {e})") from None
+
+
+def _read_index(path: Path) -> dict[str, Path]:
+    try:
+        index = json.loads(path.read_text())
+        return {key: path.parent / file for key, file in index["weight_map"].items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a valid weight index ({type(e).__name__}: {e})") from None
+
+
+def weight_map(model_dir: str | os.PathLike) -> dict[str, Path]:
+    """key -> weight file, for whichever layout the folder holds."""
+    model_dir = Path(model_dir)
+    if (model_dir / SAFE_SINGLE).is_file():
+        path = model_dir / SAFE_SINGLE
+        try:
+            with safe_open(path, framework="pt") as f:
+                return dict.fromkeys(f.keys(), path)
+        except Exception as e:
+            raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
+    for name in WEIGHT_INDEXES:
+        if (model_dir / name).is_file():
+            return _read_index(model_dir / name)
+    if (model_dir / BIN_SINGLE).is_file():
+        return dict.fromkeys(_load_file(model_dir / BIN_SINGLE), model_dir / BIN_SINGLE)
+    raise CheckpointError(f"{model_dir}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_INDEX})")
+
+
+def _load_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: weight file listed in the index is missing") from None
+    except Exception as e:  # truncated or corrupt: safetensors/pickle errors of many types
+        raise CheckpointError(f"{path}: cannot read weight file, truncated or corrupt? "
+                              f"({type(e).__name__}: {e})") from None
+
+
+def iter_shards(model_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """(file, {key: tensor}) one weight file at a time; each file must hold the keys the index gives it."""
+    by_file: dict[Path, list[str]] = {}
+    for key, path in weight_map(model_dir).items():
+        by_file.setdefault(path, []).append(key)
+    for path, keys in by_file.items():
+        tensors = _load_file(path)
+        missing = [k for k in keys if k not in tensors]
+        if missing:
+            raise CheckpointError(f"{path}: lacks {len(missing)} key(s) the index assigns to it, e.g. {missing[:3]}")
+        yield path, {k: tensors[k] for k in keys}
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise CheckpointError(f"unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
+    return value
+
+
+def _check_keys(model_dir: Path, expected: dict[str, torch.Size], found: dict[str, Path]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s): {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s): {', '.join(unexpected[:5])}")
+        raise CheckpointError(f"{model_dir}: weights do not match the config: {'; '.join(parts)}")
+
+
+def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu"):
+    """QWenLMHeadModel from a model folder (or hub id), strict, in eval mode.
+
+    `dtype` wins over the config's bf16/fp16/fp32 flags; None lets them decide (§5.9).
+    """
+    from transformers import GenerationConfig
+
+    from workbench.model.modeling import QWenLMHeadModel
+
+    model_dir = resolve_model_dir(path_or_repo)
+    config = load_config(model_dir)
+    dtype = _as_dtype(dtype) or precision_dtype(config, model_dir / "config.json")
+    config.dtype = dtype
+    with torch.device("meta"):
+        model = QWenLMHeadModel(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    _check_keys(model_dir, expected, weight_map(model_dir))
+    shards = list(dict.fromkeys(weight_map(model_dir).values()))
+    for path, tensors in tqdm(iter_shards(model_dir), total=len(shards), desc="loading weights",
+                              unit="shard", disable=len(shards) < 2):
+        for key, tensor in tensors.items():
+            if tensor.shape != expected[key]:
+                raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}, "
+                                      f"the config expects {list(expected[key])}")
+        tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
+        model.load_state_dict(tensors, strict=False, assign=True)
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+    return model.eval()
+
+
+def parse_size(size: int | str) -> int:
+    """2GB / 500MB / 1GiB / 1000 -> bytes (GB = 10**9 as in transformers)."""
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"cannot read shard size {size!r} (e.g. 2GB, 500MB)")
+    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+    return int(float(match[1]) * units.get((match[2] or "").lower(), 1))
+
+
+class ShardWriter:
+    """Streams tensors into shards of at most `max_shard_size` bytes (a larger tensor gets its own).
+
+    Shards go to hidden temporary names and are renamed to the release names
+    (`model-00001-of-0000N.safetensors` or `pytorch_model-00001-of-0000N.bin`) by `close()`,
+    which also writes the index; a single shard is written as `model.safetensors` /
+    `pytorch_model.bin` without an index, as transformers does.
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_size: int | str, layout: str = "safetensors"):
+        if layout not in ("safetensors", "bin"):
+            raise ValueError(f"layout must be 'safetensors' or 'bin', not {layout!r}")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.max_shard_size, self.layout = parse_size(max_shard_size), layout
+        self._current: dict[str, torch.Tensor] = {}
+        self._current_size = self._total_size = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._current and self._current_size + nbytes > self.max_shard_size:
+            self._flush()
+        # clone: safetensors refuses tensors that share storage, and views would keep big parents alive
+        self._current[name] = tensor.detach().to("cpu").contiguous().clone()
+        self._current_size += nbytes
+        self._total_size += nbytes
+
+    def _flush(self) -> None:
+        ext = "safetensors" if self.layout == "safetensors" else "bin"
+        tmp = self.out_dir / f".tmp-shard-{len(self._shards) + 1:05d}.{ext}"
+        if self.layout == "safetensors":
+            save_file(self._current, tmp, metadata={"format": "pt"})
+        else:
+            torch.save(self._current, tmp)
+        self._shards.append((tmp, list(self._current)))
+        self._current, self._current_size = {}, 0
+
+    def close(self) -> dict:
+        """Finish the last shard, rename all shards, write the index; returns the index dict."""
+        if self._current or not self._shards:
+            self._flush()
+        n = len(self._shards)
+        stem, ext = ("model", "safetensors") if self.layout == "safetensors" else ("pytorch_model", "bin")
+        weight_map_: dict[str, str] = {}
+        for i, (tmp, keys) in enumerate(self._shards, start=1):
+            name = f"{stem}.{ext}" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.{ext}"
+            tmp.replace(self.out_dir / name)
+            weight_map_.update(dict.fromkeys(keys, name))
+        index = {"metadata": {"total_size": self._total_size},
+                 "weight_map": dict(sorted(weight_map_.items()))}
+        if n > 1:
+            index_name = SAFE_INDEX if self.layout == "safetensors" else BIN_INDEX
+            write_json(self.out_dir / index_name, index)
+        return index
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename: never a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def save_model(model_or_state_dict, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB",
+               dtype: torch.dtype | str | None = None, layout: str = "safetensors") -> dict:
+    """Write the weights (release names) in shards; for a model also config.json and generation_config.json."""
+    out_dir = Path(out_dir)
+    dtype = _as_dtype(dtype)
+    is_model = isinstance(model_or_state_dict, torch.nn.Module)
+    state = model_or_state_dict.state_dict() if is_model else model_or_state_dict
+    writer = ShardWriter(out_dir, max_shard_size, layout=layout)
+    for name, tensor in tqdm(state.items(), desc="saving weights", unit="tensor", disable=len(state) < 100):
+        writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+    index = writer.close()
+    if is_model:
+        config: QWenConfig = model_or_state_dict.config
+        saved = QWenConfig.from_dict(config.to_diff_dict())
+        saved.dtype = dtype or next(iter(state.values())).dtype
+        write_json(out_dir / "config.json", saved.to_diff_dict())
+        generation_config = getattr(model_or_state_dict, "generation_config", None)
+        if generation_config is not None:
+            write_json(out_dir / "generation_config.json", generation_config.to_diff_dict())
+    return index
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(model_dir: str | os.PathLike) -> dict:
+    """sha256 of config.json and of every weight file (recomputed on every call, never cached)."""
+    model_dir = resolve_model_dir(model_dir)
+    files = sorted(set(weight_map(model_dir).values()))
+    weights = {str(p.relative_to(model_dir)): _sha256(p)
+               for p in tqdm(files, desc="hashing weights", unit="file", disable=len(files) < 2)}
+    return {"config_sha256": _sha256(model_dir / "config.json"), "weights": weights}
+
+
+def copy_non_weight_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
+    """Copy config, generation config, tokenizer and code files (everything but weights and indexes)."""
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for path in sorted(src_dir.iterdir()):
+        if not path.is_file() or path.suffix in WEIGHT_SUFFIXES or path.name in WEIGHT_INDEXES:
+            continue
+        tmp = dst_dir / f".{path.name}.tmp"
+        shutil.copyfile(path, tmp)
+        tmp.replace(dst_dir / path.name)
+        copied.append(path.name)
+    return copied
