@@ -140,7 +140,9 @@ class QWenModel(QWenPreTrainedModel):
         if spans:
             pixels = pixel_values if pixel_values is not None else self._read_images(input_ids, spans)
             return spans, self.visual(pixels)
-        if self.training:  # keeps the ViT in the graph: its grads are zero tensors, not None
+        # rev-B keeps a trainable ViT in the graph (its grads are zero tensors, not None); a frozen
+        # one needs no dummy image at all.
+        if self.training and any(p.requires_grad for p in self.visual.parameters()):
             weight = self.visual.conv1.weight
             dummy = torch.zeros(1, 3, DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE, dtype=weight.dtype, device=weight.device)
             return [], self.visual(dummy)

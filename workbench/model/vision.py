@@ -86,5 +86,16 @@ class VisionTransformer(nn.Module):
         return self.transformer(self.ln_pre(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.ln_post(self.attn_pool(self.patch_features(x)))
-        return x @ self.proj
+        # Frozen parts cost nothing extra: where no parameter (LoRA included) can take a gradient,
+        # no autograd graph is built, so a frozen ViT keeps no activations for backward.
+        grad = torch.is_grad_enabled()
+        trunk = (self.conv1, self.ln_pre, self.transformer)
+        with torch.set_grad_enabled(grad and (self.positional_embedding.requires_grad or _trainable(*trunk))):
+            x = self.patch_features(x)
+        with torch.set_grad_enabled(grad and (x.requires_grad or _trainable(self.attn_pool, self.ln_post)
+                                              or self.proj.requires_grad)):
+            return self.ln_post(self.attn_pool(x)) @ self.proj
+
+
+def _trainable(*modules: nn.Module) -> bool:
+    return any(p.requires_grad for m in modules for p in m.parameters())
