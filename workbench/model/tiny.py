@@ -44,15 +44,17 @@ def _write_vocab(out_dir: Path, vocab_file: str | os.PathLike | None) -> QWenTok
 
 @torch.no_grad()
 def init_tiny_weights(model: torch.nn.Module, n_tokens: int, seed: int) -> None:
-    """One N(0,1) draw per tensor in state_dict order, scaled as the reference tiny model's."""
-    generator = torch.Generator().manual_seed(seed)
+    """One N(0,1) draw per tensor in state_dict order, scaled as the reference tiny model's (any size)."""
+    # Drawn on the model's device, so the benchmark can initialise the 9.6B model on the GPU.
+    device = model.lm_head.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
     norms = {f"{name}.weight" for name, module in model.named_modules()
              if isinstance(module, torch.nn.LayerNorm) or type(module).__name__ == "RMSNorm"}
     visual = model.config.visual
     for name, param in model.state_dict().items():
         if name.endswith("attn_pool.pos_embed"):
             continue  # the fixed sin-cos table the model already holds
-        draw = torch.randn(param.shape, generator=generator)
+        draw = torch.randn(param.shape, generator=generator, device=device)
         if name in norms:
             value = 1 + 0.1 * draw
         elif name.endswith("bias"):

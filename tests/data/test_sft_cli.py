@@ -1,0 +1,48 @@
+"""`workbench data check` / `data preview` on a small file with one bad record."""
+
+from __future__ import annotations
+
+import json
+
+from workbench.cli.main import main
+
+
+def _file(write_data, golden):
+    rows = [{"conversations": s["conversations"]} for s in golden["case8"]["sources"][:2]]
+    rows.append({"conversations": [{"from": "user", "value": "Picture 1: <img>images/zzz.png</img>\nhi"},
+                                   {"from": "assistant", "value": "x"}]})
+    return write_data(rows)
+
+
+def test_check_prints_counts_lengths_sizes_and_problems(capsys, write_data, golden, tiny_ref_dir):
+    path = _file(write_data, golden)
+    assert main(["data", "check", str(path), "--model", str(tiny_ref_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"{path}: 3 records, 2 valid, 1 bad" in out
+    assert "images per record: min 0, median 0.5, mean 0.5, max 1; 1 in all, 1 distinct" in out
+    assert "image width: min 80, median 80, mean 80.0, max 80" in out
+    assert "tokens per record: min 51, median 209, mean 209.0, max 367" in out
+    assert "supervised tokens per record: min 14, median" in out  # sample 0: 13 content ids + <|im_end|>
+    assert "max_length 2048, overflow truncate: 2 kept" in out
+    assert f"file {path}, record 2, field 'conversations[0].value': image not found" in out
+
+
+def test_check_with_config_and_no_model(capsys, write_data, golden, data_dir):
+    path = write_data([{"conversations": golden["case8"]["sources"][0]["conversations"]}])
+    config = data_dir / "run.yaml"
+    config.write_text(json.dumps({"data": {"max_length": 40, "overflow": "drop"}}))
+    assert main(["data", "check", str(path), "--config", str(config)]) == 0
+    assert "pass --model" in capsys.readouterr().out
+    config.write_text(json.dumps({"data": {"max_lenght": 40}}))
+    assert main(["data", "check", str(path), "--config", str(config)]) == 2
+    assert f"{config}: data.max_lenght: unknown key; did you mean 'max_length'?" in capsys.readouterr().err
+
+
+def test_preview_marks_supervised_spans(capsys, write_data, golden, tiny_ref_dir):
+    path = _file(write_data, golden)
+    assert main(["data", "preview", str(path), "-n", "2", "--model", str(tiny_ref_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"--- {path} record 0: 51 tokens, 14 supervised, 0 images ---" in out
+    assert ("<|im_start|>assistant\n[[I am a helpful assistant that can read images.<|im_end|>]]\n" in out)
+    assert "Picture 1: <img>images/a.png</img>\nWhat is in the picture?<|im_end|>" in out
+    assert "[[<ref>the dog</ref><box>(588,499),(725,789)</box><|im_end|>]]" in out

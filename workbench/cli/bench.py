@@ -1,0 +1,50 @@
+"""`workbench bench`: s/it, tokens/s, peak memory and TFLOP/s of a recipe's training step."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark a recipe's training step on random weights of the real size")
+    p.add_argument("--recipe", default="official-lora",
+                   help="comma-separated recipe names from adapters/ (e.g. official-lora,qlora,all-components)")
+    p.add_argument("--seq-len", default="384,512,1024,2048", help="comma-separated sequence lengths")
+    p.add_argument("--steps", type=int, default=3, help="measured optimizer steps per length (after 1 warm-up)")
+    p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
+    p.add_argument("--tiny", action="store_true", help="the built-in tiny model on the CPU (for tests)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--out", default="bench.json", help="where to write the results as JSON")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from workbench.bench.run import as_dicts, environment, format_table, matmul_rate, run_bench
+    from workbench.errors import ConfigError
+
+    try:
+        seq_lens = [int(v) for v in args.seq_len.split(",")]
+    except ValueError:
+        raise ConfigError(f"--seq-len: expected comma-separated integers, got {args.seq_len!r}") from None
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.tiny else "cpu"))
+    rate = matmul_rate(device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    results = []
+    for recipe in args.recipe.split(","):
+        results += run_bench(recipe, seq_lens, rate=rate, steps=args.steps, grad_accum=args.grad_accum,
+                             tiny=args.tiny, device=device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    env = environment(device, rate)
+    print(format_table(results, f"{env['device']}, measured matmul rate {env['matmul_tflops']:.3g} TFLOP/s, "
+                                f"torch {env['torch']}, transformers {env['transformers']}, {env['date']}"))
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps({"environment": env, "results": as_dicts(results)}, indent=2) + "\n")
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0

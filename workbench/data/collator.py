@@ -1,0 +1,46 @@
+"""Batches of SFTDataset items: dynamic right padding to the longest row of the batch.
+
+The attention mask marks real tokens (1) and padding (0) by position, not by `ids != pad` as
+finetune.py does, so a genuine `<|endoftext|>` in the data stays visible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from workbench.data.labels import IGNORE
+
+
+class SFTCollator:
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None):
+        self.pad_token_id = pad_token_id
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        width = max(len(it["input_ids"]) for it in items)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": _pad(items, "input_ids", width, self.pad_token_id),
+            "labels": _pad(items, "labels", width, IGNORE),
+            "attention_mask": torch.stack([_right_pad(torch.ones(len(it["input_ids"]), dtype=torch.long), width, 0)
+                                           for it in items]),
+        }
+        if any("segment_ids" in it for it in items):
+            # An unpacked item in a packed batch is one segment.
+            batch["segment_ids"] = torch.stack([
+                _right_pad(it.get("segment_ids", torch.ones(len(it["input_ids"]), dtype=torch.long)), width, 0)
+                for it in items])
+        # Image k of the batch belongs to the k-th <img> span in (row, position) order.
+        pixels = [it["pixel_values"] for it in items if "pixel_values" in it and len(it["pixel_values"])]
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels).float()
+        return batch
+
+
+def _pad(items: list[dict[str, torch.Tensor]], key: str, width: int, value: int) -> torch.Tensor:
+    return torch.stack([_right_pad(it[key].long(), width, value) for it in items])
+
+
+def _right_pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x.long(), (0, width - len(x)), value=value)
