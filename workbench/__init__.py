@@ -7,4 +7,8 @@ def __getattr__(name: str):
         from workbench import api
 
         return getattr(api, name)
+    if name == "ground":
+        from workbench.eval.grounding import ground
+
+        return ground
     raise AttributeError(f"module 'workbench' has no attribute {name!r}")

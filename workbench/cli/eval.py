@@ -1,0 +1,52 @@
+"""`workbench eval grounding`: RefCOCO-style grounding accuracy of a model (+ adapter)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a model (+ adapter)")
+    tasks = p.add_subparsers(dest="task", required=True)
+    g = tasks.add_parser(
+        "grounding", help="Acc@0.5 / mean IoU on grounding data; writes report.json and PNGs",
+        description="Reads a structured JSONL (objects with ref + bbox) or the official Qwen-VL RefCOCO "
+                    "eval JSONL (image, sent, bbox, height, width). Published numbers: --prompt official "
+                    "--parser official --divisor 999 --batch-size 8.")
+    g.add_argument("--model", required=True, help="base model folder or hub repo id")
+    g.add_argument("--adapter", help="PEFT adapter folder")
+    g.add_argument("--data", required=True, help="structured .jsonl/.json or official eval .jsonl")
+    g.add_argument("--image-root", help="image paths are relative to this (default: the data file's folder, then cwd)")
+    g.add_argument("--prompt", default="official",
+                   help="'official' (<img>..</img><ref>..</ref><box>, no ChatML), 'chat' (ChatML with the "
+                        "grounding template), or a ChatML prompt with <ref-object> (default: official)")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--max-new-tokens", type=int, default=28)
+    g.add_argument("--parser", choices=["robust", "official"], default="robust",
+                   help="robust: any box format, prefers the box labelled with the query; official: first (a,b),(c,d)")
+    g.add_argument("--divisor", type=int, choices=[1000, 999], default=1000,
+                   help="grid -> pixels: 1000 (training data, draw_bbox) or 999 (the official RefCOCO script)")
+    g.add_argument("--limit", type=int, help="evaluate only the first N queries")
+    g.add_argument("--images", type=int, default=16, help="PNGs drawn for the first N queries")
+    g.add_argument("--out", default="eval_grounding", help="output folder (report.json, samples/*.png)")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's")
+    g.add_argument("--device", help="default: cuda if available, else cpu")
+    g.set_defaults(run=run_grounding)
+
+
+def run_grounding(args: argparse.Namespace) -> int:
+    from workbench.eval.chat import load_for_inference
+    from workbench.eval.grounding import evaluate_grounding, load_queries
+
+    queries = load_queries(args.data, args.image_root)[:args.limit]
+    model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    report = evaluate_grounding(model, tokenizer, queries, prompt=args.prompt, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, parser=args.parser, divisor=args.divisor,
+                                out_dir=args.out, n_images=args.images)
+    m = report["metrics"]
+    print(f"{m['n']} queries: Acc@0.5 {m['acc@0.5']:.4f}, mean IoU {m['mean_iou']:.4f}, "
+          f"unparseable answers {m['parse_failures']} ({m['parse_failure_rate']:.1%})")
+    for split, s in m["per_split"].items():
+        print(f"  {split}: Acc@0.5 {s['acc@0.5']:.4f} over {s['n']}")
+    print(f"report: {args.out}/report.json")
+    return 0

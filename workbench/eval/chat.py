@@ -1,0 +1,112 @@
+"""Chat with a model (+ adapter): one image, multi-turn history, answers streamed token by token.
+
+The prompt is the release's `chat()` context (make_context, ChatML, stop words); the image goes
+in as `pixel_values`. Streaming shows what `chat_stream` yields: the generated ids decoded with
+special tokens skipped except the ref/box tags (keep_image_special), invalid UTF-8 ignored
+until the bytes of a character are complete. `draw_answer` is the workbench's
+`draw_bbox_on_latest_picture`: boxes from the answer, grid / 1000 (not the eval's / 999).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import torch
+from PIL import Image
+from transformers.generation.streamers import BaseStreamer
+
+from workbench.data.boxes import denormalize_box
+from workbench.errors import CheckpointError
+from workbench.eval.draw import draw_boxes, save_png
+from workbench.eval.parse import parse_boxes
+from workbench.model.chat_format import decode_tokens, from_list_format, get_stop_words_ids, make_context
+from workbench.model.image_processing import load_image, preprocess
+
+
+def load_for_inference(model: str, adapter: str | None = None, dtype: str | None = None,
+                       device: str | None = None):
+    """(model, tokenizer) ready for generation; a PEFT adapter folder is applied on top (not merged)."""
+    from workbench.api import load_model, load_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    base = load_model(model, dtype=dtype, device=device)
+    if adapter is not None:
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise CheckpointError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, adapter).eval()
+    return base, load_tokenizer(model)
+
+
+class AnswerStreamer(BaseStreamer):
+    """Writes the answer to `out` as `generate` produces it (the first `put` is the prompt)."""
+
+    def __init__(self, tokenizer, out: TextIO | None = None):
+        self.tokenizer, self.out = tokenizer, out or sys.stdout  # looked up now: sys.stdout may be replaced
+        self.ids: list[int] | None = None
+        self.text = ""
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.ids is None:  # the prompt
+            self.ids, self.text = [], ""
+            return
+        self.ids += value.flatten().tolist()
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, errors="ignore", keep_image_special=True)
+        if text.startswith(self.text):  # a half-finished multi-byte character decodes to nothing yet
+            self.out.write(text[len(self.text):])
+            self.out.flush()
+            self.text = text
+
+    def end(self) -> None:
+        self.out.write("\n")
+        self.out.flush()
+        self.ids = None
+
+
+class ChatSession:
+    """One conversation about (at most) one image: `ask` returns the answer and keeps history."""
+
+    def __init__(self, model, tokenizer, image: str | None = None, max_new_tokens: int = 512,
+                 do_sample: bool = False):
+        self.model, self.tokenizer = model, tokenizer
+        self.image_path = image
+        self.image = load_image(image) if image is not None else None
+        self.history: list[tuple[str, str]] = []
+        self.max_new_tokens, self.do_sample = max_new_tokens, do_sample
+
+    def ask(self, question: str, streamer: BaseStreamer | None = None) -> str:
+        query = question
+        if self.image_path is not None and not self.history:  # the picture goes with the first question
+            query = from_list_format([{"image": self.image_path}, {"text": question}])
+        raw_text, ids = make_context(self.tokenizer, query, self.history)
+        device = next(self.model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)
+        kwargs = {}
+        if self.image is not None and self.tokenizer.img_start_id in ids:  # the window may have dropped it
+            size = unwrap(self.model).transformer.visual.image_size
+            kwargs["pixel_values"] = preprocess(self.image, size)[None].to(device)
+        with torch.no_grad():
+            out = self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      max_new_tokens=self.max_new_tokens, do_sample=self.do_sample,
+                                      stop_words_ids=get_stop_words_ids(self.tokenizer), streamer=streamer,
+                                      **kwargs)
+        answer = decode_tokens(out[0], self.tokenizer, len(raw_text), len(ids))
+        self.history.append((query, answer))
+        return answer
+
+
+def unwrap(model):
+    """The QWenLMHeadModel under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def draw_answer(answer: str, image: Image.Image, out: str | Path) -> Path | None:
+    """Draw the answer's boxes (with their refs) on `image` and save a PNG; None if it has no box."""
+    parsed = parse_boxes(answer)
+    if not parsed:
+        return None
+    boxes = [(ref, denormalize_box(box, *image.size)) for ref, box in parsed]
+    return save_png(draw_boxes(image, boxes), out)

@@ -1,0 +1,205 @@
+"""Grounding evaluation (RefCOCO protocol) and the `ground` API.
+
+Queries come from the structured format (every object with a ref and boxes) or from the official
+Qwen-VL RefCOCO eval JSONL (`image`, `sent`, `bbox` pixel x1,y1,x2,y2, `height`, `width`).
+Generation is greedy and batched with LEFT padding, so every row's answer starts at the same
+column; images go in as `pixel_values`, so the path inside `<img>..</img>` is only text.
+
+Prompts:
+  official  `<img>{image}</img><ref>{sent}</ref><box>`, no ChatML (eval_mm/evaluate_grounding.py:
+            base-model protocol, max_new_tokens 28, min_new_tokens 10)
+  chat      ChatML (make_context), user turn "Picture 1: <img>..</img>\\n" + the first prompt of
+            data_templates/grounding.yaml, the way converted training data is rendered
+  any text  a ChatML user prompt with `<ref-object>` (and optionally `<image>`) placeholders
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from workbench.data.boxes import GRID, Box, denormalize_box
+from workbench.data.convert.refcoco import read_official_jsonl
+from workbench.data.records import iter_rows
+from workbench.data.render import load_task_template
+from workbench.errors import DataError
+from workbench.eval.chat import unwrap
+from workbench.eval.draw import draw_boxes, save_png
+from workbench.eval.metrics import Scored, score, summarize
+from workbench.eval.parse import parse_boxes, parse_official, pick_box
+from workbench.model.chat_format import from_list_format, get_stop_words_ids, make_context
+from workbench.model.image_processing import load_image, preprocess
+
+OFFICIAL_PROMPT = "<img>{image}</img><ref>{sent}</ref><box>"
+GT_COLOR, PRED_COLOR = (0, 200, 0), (230, 0, 0)
+
+
+@dataclass
+class Query:
+    """One phrase to ground in one image; `gt` boxes are pixels on the original image."""
+
+    image: str          # as written in the data file (the text inside <img>..</img>)
+    file: Path          # where it is on disk
+    phrase: str
+    gt: list[Box]
+    split: str | None = None
+    category: str | None = None
+
+
+def load_queries(path: str | Path, image_root: str | Path | None = None) -> list[Query]:
+    """Queries of a structured data file or an official RefCOCO eval JSONL.
+
+    Relative image paths are resolved against `image_root`, else the data file's folder
+    (as training data is), else the cwd (as the official script does).
+    """
+    path = Path(path)
+    roots = [Path(image_root)] if image_root else [path.parent, Path.cwd()]
+    first = next(iter_rows(path), (0, {}))[1]
+    if isinstance(first, dict) and "sent" in first:
+        return [Query(r["image"], _find(r["image"], roots, str(path), i), r["sent"], [tuple(r["bbox"])])
+                for i, r in enumerate(read_official_jsonl(path))]
+    queries = []
+    for i, row in iter_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        queries += _structured_queries(row, roots, str(path), i)
+    if not queries:
+        raise DataError("no grounding queries (objects with a ref and a bbox)", file=str(path))
+    return queries
+
+
+def _structured_queries(row: dict, roots: list[Path], file: str, index: int) -> list[Query]:
+    images = row.get("images") or []
+    if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
+        raise DataError("expected a non-empty list of image paths", file=file, record=index, field="images")
+    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
+    out = []
+    for k, obj in enumerate(row.get("objects") or []):
+        where = f"objects[{k}]"
+        if not isinstance(obj, dict) or not isinstance(obj.get("ref"), str) or not isinstance(obj.get("bbox"), list):
+            raise DataError("expected {ref, bbox}", file=file, record=index, field=where)
+        k_image = obj.get("image", 0)
+        if isinstance(k_image, bool) or not isinstance(k_image, int) or not 0 <= k_image < len(images):
+            raise DataError(f"{k_image!r} is not an index into images", file=file, record=index, field=f"{where}.image")
+        image = images[k_image]
+        boxes = obj["bbox"] if obj["bbox"] and isinstance(obj["bbox"][0], list) else [obj["bbox"]]
+        if not all(len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in boxes):
+            raise DataError(f"expected [x1, y1, x2, y2] boxes, got {obj['bbox']!r}", file=file, record=index,
+                            field=f"{where}.bbox")
+        found = _find(image, roots, file, index)
+        if row.get("bbox_format") == "norm1000":
+            with Image.open(found) as im:
+                boxes = [denormalize_box(b, *im.size) for b in boxes]
+        out.append(Query(image, found, obj["ref"], [tuple(b) for b in boxes],
+                         meta.get("split"), meta.get("category")))
+    return out
+
+
+def _find(image: str, roots: list[Path], file: str, index: int) -> Path:
+    for root in roots:
+        if (root / image).is_file():
+            return root / image
+    raise DataError(f"image {image} not found under {', '.join(map(str, roots))}", file=file, record=index,
+                    field="image")
+
+
+def prompt_ids(tokenizer, image: str, phrase: str, prompt: str = "official") -> list[int]:
+    """Token ids of the grounding prompt for one (image, phrase); see the module docstring."""
+    if prompt == "official":
+        return tokenizer.encode(OFFICIAL_PROMPT.format(image=image, sent=phrase))
+    template = load_task_template("grounding").user[0] if prompt == "chat" else prompt
+    if "<ref-object>" not in template:
+        raise DataError(f"a grounding prompt needs a <ref-object> placeholder, got {template!r}", field="prompt")
+    text = template.replace("<image>", "").replace("<ref-object>", f"<ref>{phrase}</ref>")
+    query = from_list_format([{"image": image}, {"text": text}])
+    return make_context(tokenizer, query)[1]
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: Sequence[list[int]], images: Sequence[Image.Image], *,
+                     max_new_tokens: int = 28, min_new_tokens: int = 0, stop_words: bool = True) -> list[str]:
+    """Greedy answers for a batch of one-image prompts, left-padded. The text keeps the
+    ref/box tags (decode with keep_image_special, as chat_stream) and ends at the first stop id."""
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    size = unwrap(model).transformer.visual.image_size
+    pixel_values = torch.stack([preprocess(im, size) for im in images]).to(device)
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                         max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, do_sample=False,
+                         num_beams=1, eos_token_id=tokenizer.eod_id, pad_token_id=pad,
+                         stop_words_ids=get_stop_words_ids(tokenizer) if stop_words else None)
+    stops = {tokenizer.eod_id, tokenizer.im_end_id, tokenizer.im_start_id}
+    answers = []
+    for row in out[:, width:].tolist():
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        answers.append(tokenizer.decode(row[:end], skip_special_tokens=True, keep_image_special=True).strip())
+    return answers
+
+
+def evaluate_grounding(model, tokenizer, queries: Sequence[Query], *, prompt: str = "official",
+                       batch_size: int = 8, max_new_tokens: int = 28, parser: str = "robust",
+                       divisor: int = GRID, out_dir: str | Path | None = None, n_images: int = 16) -> dict:
+    """Generate, parse, score. Returns the report (metrics + per-sample results) and, with
+    `out_dir`, writes `report.json` and `samples/NNNN.png` (true box green, predicted red) for
+    the first `n_images` queries. `parser="official"` and `divisor=999` reproduce published numbers.
+    """
+    if parser not in ("robust", "official"):
+        raise DataError(f"unknown parser {parser!r} (robust or official)", field="parser")
+    results: list[Scored] = []
+    official = prompt == "official"
+    for start in range(0, len(queries), batch_size):
+        batch = queries[start:start + batch_size]
+        images = [load_image(q.file) for q in batch]
+        answers = generate_answers(model, tokenizer, [prompt_ids(tokenizer, q.image, q.phrase, prompt) for q in batch],
+                                   images, max_new_tokens=max_new_tokens, min_new_tokens=10 if official else 0,
+                                   stop_words=not official)
+        for q, image, answer in zip(batch, images, answers):
+            grid = parse_official(answer) if parser == "official" else pick_box(parse_boxes(answer), q.phrase)
+            r = score(grid, q.gt, *image.size, ref=q.phrase, answer=answer, divisor=divisor, split=q.split,
+                      category=q.category, image=q.image)
+            if out_dir is not None and len(results) < n_images:
+                _draw_result(image, r, Path(out_dir) / "samples" / f"{len(results):04d}.png")
+            results.append(r)
+    report = {"settings": {"prompt": prompt, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                           "parser": parser, "divisor": divisor},
+              "metrics": summarize(results), "samples": [r.to_json() for r in results]}
+    if out_dir is not None:
+        _write_json(report, Path(out_dir) / "report.json")
+    return report
+
+
+def _draw_result(image: Image.Image, r: Scored, path: Path) -> None:
+    boxes = [(f"true: {r.ref}", g) for g in r.gt] + ([(f"pred IoU {r.iou:.2f}", r.pred)] if r.pred else [])
+    colors = [GT_COLOR] * len(r.gt) + [PRED_COLOR] * (r.pred is not None)
+    save_png(draw_boxes(image, boxes, colors), path)
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def ground(model, tokenizer, image: str | Path | Image.Image, phrase: str, *, prompt: str = "chat",
+           max_new_tokens: int = 64) -> list[Box]:
+    """Pixel boxes (x1, y1, x2, y2) of `phrase` in `image`, as the model answers (grid / 1000).
+
+    Boxes labelled with another ref are left out unless the answer labels none with `phrase`.
+    """
+    picture = image if isinstance(image, Image.Image) else load_image(image)
+    name = "image" if isinstance(image, Image.Image) else Path(image).name  # text only: pixels go in as pixel_values
+    [answer] = generate_answers(model, tokenizer, [prompt_ids(tokenizer, name, phrase, prompt)], [picture],
+                                max_new_tokens=max_new_tokens, stop_words=prompt != "official")
+    parsed = parse_boxes(answer)
+    mine = [p for p in parsed if p.ref is not None and p.ref.lower() == phrase.strip().lower()]
+    return [denormalize_box(p.box, *picture.size) for p in (mine or parsed)]
