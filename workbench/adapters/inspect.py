@@ -1,0 +1,102 @@
+"""What a recipe does to a model, computed on the meta device (no weights, seconds for the 9.6B release).
+
+The recipe is applied for real (PEFT on a meta-device model built from config.json), so the
+counts are PEFT's, not a re-derivation. Quantisation is not run on the meta device; its bytes
+come from `quantize.quantized_bytes` over the modules it would replace.
+
+GPU memory estimate (activations excluded, they depend on batch and sequence length):
+  weights   = sum over frozen base tensors of numel * bytes(dtype)   [the run's dtype, bf16 by default]
+              with the quantised linears at quantized_bytes instead   [4-bit column]
+  trainable = sum over trainable tensors of numel * 4 * bytes(param dtype)
+              (the weight, its gradient, AdamW's exp_avg and exp_avg_sq, which torch keeps in the
+              parameter's dtype: LoRA tensors are float32 -> 16 B, in-place trained bf16 -> 8 B)
+  total     = weights + trainable
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from workbench.adapters.apply import apply_recipe
+from workbench.adapters.quantize import DTYPES, quantized_bytes
+from workbench.adapters.recipe import COMPONENTS, Quantization, Recipe
+from workbench.adapters.targets import PEFT_PREFIX, component_of, quantize_names, resolve_targets
+
+MEMORY_FORMULA = ("weights: frozen numel x dtype bytes (4-bit: numel/2 + absmax per 64-block); "
+                  "trainable: numel x 4 x param bytes (weight + grad + AdamW m, v); activations excluded")
+
+
+def format_layers(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+def meta_model(model_dir: str | Path, dtype: str = "bfloat16") -> torch.nn.Module:
+    """The full model on the meta device, from config.json alone."""
+    from workbench.model.config import QWenConfig
+    from workbench.model.modeling import QWenLMHeadModel
+
+    with torch.device("meta"):
+        return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(DTYPES[dtype])
+
+
+def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16") -> dict:
+    """Per-component adapted modules, LoRA / fully trained / quantised counts and a memory estimate."""
+    model = meta_model(model_dir, dtype)
+    targets = resolve_targets(model, recipe)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    # The 4-bit column uses the recipe's quantisation, or QLoRA's default (NF4 LLM linears) without one.
+    q = recipe.quantization or Quantization()
+    quantized = quantize_names(dict(model.named_modules()), q)
+    with torch.device("meta"):
+        peft_model = apply_recipe(model, dataclasses.replace(recipe, quantization=None))
+
+    components = {}
+    for name in COMPONENTS:
+        spec, ct = recipe.components[name], targets.components[name]
+        components[name] = {
+            "modules": list(spec.modules), "layers": format_layers(ct.layers), "adapted_modules": len(ct.modules),
+            "r": spec.r if ct.modules else None, "alpha": spec.alpha if ct.modules else None,
+            "lora_params": 0, "trained_params": sum(shapes[p].numel() for p in ct.train),
+            "quantized_modules": sum(component_of(m) == name and m != "lm_head" for m in targets.quantize),
+            "lr_scale": spec.lr_scale if spec.trainable else None,
+        }
+    to_save = 0
+    weights = weights_4bit = trainable_bytes = 0
+    quantized_weights = {f"{PEFT_PREFIX}{m}.weight" for m in quantized}
+    for pname, param in peft_model.named_parameters():
+        nbytes = param.numel() * param.element_size()
+        if ".lora_" in pname:
+            components[component_of(pname)]["lora_params"] += param.numel()
+        elif ".modules_to_save." in pname:
+            to_save += param.numel()
+        if param.requires_grad:
+            trainable_bytes += 4 * nbytes
+            continue
+        weights += nbytes
+        base = pname.replace(".base_layer.", ".")
+        weights_4bit += quantized_bytes(param.numel(), param.shape[0], q) if base in quantized_weights else nbytes
+    lora = sum(c["lora_params"] for c in components.values())
+    trained = sum(c["trained_params"] for c in components.values())
+    return {
+        "recipe": recipe.name, "description": recipe.description, "model": str(model_dir), "dtype": dtype,
+        "components": components,
+        "modules_to_save": {"modules": targets.modules_to_save, "params": to_save},
+        "quantization": dataclasses.asdict(q) | {"applied": recipe.quantization is not None,
+                                                 "modules": len(quantized)},
+        "totals": {"base_params": sum(s.numel() for s in shapes.values()), "lora_params": lora,
+                   "trained_params": trained + to_save, "trainable_params": lora + trained + to_save,
+                   "quantized_modules": len(targets.quantize)},
+        "memory_bytes": {"weights": weights, "weights_4bit": int(weights_4bit), "trainable": trainable_bytes,
+                         "total": weights + trainable_bytes, "total_4bit": int(weights_4bit) + trainable_bytes},
+        "memory_formula": MEMORY_FORMULA,
+    }
