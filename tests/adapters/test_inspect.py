@@ -40,7 +40,7 @@ def test_format_layers():
 def test_inspect_command_prints_the_table(tiny_ref_dir, tmp_path, capsys):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({
-        "model": str(tiny_ref_dir), "dtype": "float32", "adapter": "vit-resampler-llm",
+        "model": str(tiny_ref_dir), "dtype": "float32", "adapter": "all-components",
         "adapter_overrides": {"vit": {"layers": "last 1"}, "modules_to_save": ["lm_head"]},
         "data": {"train": "train.jsonl"}, "train": {"output_dir": str(tmp_path / "out")}}))
     assert main(["inspect", str(config)]) == 0

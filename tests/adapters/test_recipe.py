@@ -7,7 +7,7 @@ import pytest
 from workbench.adapters.recipe import RECIPE_DIR, available_recipes, load_recipe
 from workbench.errors import ConfigError
 
-SHIPPED = ["grounding", "llm-resampler", "official-lora", "qlora", "vit-resampler-llm"]
+SHIPPED = ["grounding", "llm-resampler", "official-lora", "qlora", "all-components"]
 LLM = {"modules": ["c_attn"], "r": 8, "alpha": 16}
 
 
@@ -61,7 +61,7 @@ def test_override_null_removes_quantization():
 
 
 def test_to_dict_round_trips(write_recipe):
-    r = load_recipe("vit-resampler-llm", {"quantization": {"bits": 8}})
+    r = load_recipe("all-components", {"quantization": {"bits": 8}})
     again = load_recipe(str(write_recipe(r.to_dict())))
     assert again.components == r.components and again.quantization == r.quantization
 

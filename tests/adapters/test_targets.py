@@ -56,11 +56,11 @@ def test_grounding_recipe_counts(full_meta):
 
 
 def test_vit_resampler_llm_counts(full_meta):
-    targets = resolve_targets(full_meta, load_recipe("vit-resampler-llm"))
+    targets = resolve_targets(full_meta, load_recipe("all-components"))
     vit = targets.components["vit"]
     assert vit.layers == list(range(40, 48)) and len(vit.modules) == 4 * 8
     assert all(m.startswith("transformer.visual.transformer.resblocks.4") for m in vit.modules)
-    counts = lora_counts(full_meta, "vit-resampler-llm")
+    counts = lora_counts(full_meta, "all-components")
     # in_proj W->3W, out_proj W->W, c_fc W->M, c_proj M->W; 8 blocks, r 16.
     assert counts["vit"] == 8 * 16 * ((W + 3 * W) + (W + W) + (W + M) + (M + W)) == 3_801_088
     assert counts["resampler"] == 64 * (W + E) + 64 * 6 * E
