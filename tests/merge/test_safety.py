@@ -1,0 +1,121 @@
+"""Refusals and atomicity: wrong base, existing OUT, interrupted merge, corrupt adapter, --verify."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from workbench.cli.main import main
+from workbench.errors import CheckpointError, WorkbenchError
+from workbench.merge import adapter as adapter_mod
+from workbench.merge import merge as merge_mod
+from workbench.merge import merge_adapter
+
+
+@pytest.fixture(scope="module")
+def other_base(tmp_path_factory):
+    from workbench.model.tiny import make_tiny_model_dir
+
+    return make_tiny_model_dir(tmp_path_factory.mktemp("other") / "tiny", seed=1)
+
+
+def test_adapter_from_another_base_is_refused_unless_forced(adapters, other_base, tmp_path):
+    with pytest.raises(CheckpointError, match=r"workbench_run\.json: the adapter was trained on a different base.*--force"):
+        merge_adapter(other_base, adapters("llm"), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    report = merge_adapter(other_base, adapters("llm"), tmp_path / "out", force=True)
+    assert report["base_fingerprint_check"].startswith("MISMATCH")
+
+
+def test_existing_out_needs_overwrite(adapters, tiny_base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(WorkbenchError, match="--overwrite"):
+        merge_adapter(tiny_base, adapters("llm"), out)
+    assert (out / "old.txt").exists()
+    merge_adapter(tiny_base, adapters("llm"), out, overwrite=True)
+    assert not (out / "old.txt").exists() and (out / "merge_report.json").exists()
+
+
+def test_out_inside_base_is_refused(adapters, tiny_base):
+    with pytest.raises(WorkbenchError, match="overlaps BASE"):
+        merge_adapter(tiny_base, adapters("llm"), tiny_base / "merged")
+    assert not (tiny_base / "merged").exists()
+
+
+@pytest.mark.parametrize("had_out", [False, True])
+def test_interrupted_merge_leaves_no_partial_out(had_out, adapters, tiny_base, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    if had_out:
+        out.mkdir()
+        (out / "old.txt").write_text("old")
+    calls = {"n": 0}
+    real = merge_mod.merge_tensor
+
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == 30:  # mid-way: some shards' tensors are already written
+            raise RuntimeError("disk full")
+        return real(*args)
+
+    monkeypatch.setattr(merge_mod, "merge_tensor", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        merge_adapter(tiny_base, adapters("llm"), out, max_shard_size="100KB", overwrite=True)
+    assert [p.name for p in tmp_path.iterdir()] == (["out"] if had_out else [])
+    if had_out:
+        assert [p.name for p in out.iterdir()] == ["old.txt"]
+
+
+def test_corrupt_adapter_file_is_a_clear_error(adapters, tiny_base, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters("llm"), bad)
+    weights = bad / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated download
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+        merge_adapter(tiny_base, bad, tmp_path / "out")
+    code = main(["merge", "--base", str(tiny_base), "--adapter", str(bad), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "adapter_model.safetensors" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_adapter_config_is_a_clear_error(adapters, tiny_base, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters("llm"), bad)
+    (bad / "adapter_config.json").write_text('{"peft_type": "LORA", ')
+    with pytest.raises(CheckpointError, match="adapter_config.json: cannot read adapter config"):
+        merge_adapter(tiny_base, bad, tmp_path / "out")
+
+
+def test_rank_not_matching_config_is_refused(adapters, tiny_base, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(adapters("llm"), bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["rank_pattern"] = {}
+    config["r"] = 3
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="rank 8 but adapter_config.json says r=3"):
+        merge_adapter(tiny_base, bad, tmp_path / "out")
+
+
+def test_cli_verify_passes_and_reports(adapters, tiny_base, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["merge", "--base", str(tiny_base), "--adapter", str(adapters("resampler")), "--out", str(out),
+                 "--dtype", "bfloat16", "--verify"])
+    assert code == 0, capsys.readouterr().err
+    verify = json.loads((out / "merge_report.json").read_text())["verify"]
+    assert verify["passed"] and verify["dtype"] == "bfloat16"
+    assert 0 < verify["max_abs_logit_diff"] <= verify["tolerance"]
+    assert "verify: max |logit diff|" in capsys.readouterr().out
+
+
+def test_verify_catches_a_wrong_merge(adapters, tiny_base, tmp_path, monkeypatch):
+    # Merging the MHA out_proj delta once (what a fixed PEFT would do) is not what this PEFT trained.
+    monkeypatch.setattr(adapter_mod, "PEFT_MHA_OUT_PROJ_FACTOR", 1)
+    with pytest.raises(WorkbenchError, match="verify failed"):
+        merge_adapter(tiny_base, adapters("resampler"), tmp_path / "out", dtype=torch.float32, verify=True)
+    assert list(tmp_path.iterdir()) == []

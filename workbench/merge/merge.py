@@ -1,0 +1,151 @@
+"""Stream a base checkpoint shard by shard, fold a LoRA adapter into it, write the release layout.
+
+Peak memory is the input shard, the output shard being filled, and the adapter: a 9.6B model
+merges on a 24 GiB machine. Output weights are safetensors shards + index (the release's
+pytorch_model-*.bin layout is read, not written: safetensors loads without unpickling). The maths runs in float32 and is cast once to the output dtype;
+tensors the adapter does not touch are passed through untouched (bit for bit unless --dtype).
+The output is built in a hidden folder next to OUT and renamed at the end, so an interrupted
+merge never leaves a partial OUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from workbench.errors import CheckpointError, WorkbenchError
+from workbench.merge.adapter import Adapter, LoraDelta, read_adapter
+from workbench.merge.report import build_report, check_base_fingerprint, write_report
+from workbench.model import checkpoint
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PRECISION_FLAGS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
+                  max_shard_size: int | str = "2GB", force: bool = False, overwrite: bool = False,
+                  verify: bool = False, device: str = "cpu") -> dict:
+    """Write base + adapter as one merged checkpoint in `out`; returns the merge report."""
+    try:
+        max_shard_size = checkpoint.parse_size(max_shard_size)
+    except ValueError as err:
+        raise WorkbenchError(f"--max-shard-size: {err}") from None
+    base_dir = checkpoint.resolve_model_dir(base)
+    adapter_dir, out = Path(adapter), Path(out)
+    _check_paths(base_dir, adapter_dir, out, overwrite)
+    weights = checkpoint.weight_map(base_dir)
+    lora = read_adapter(adapter_dir, set(weights))
+    base_fingerprint = checkpoint.fingerprint(base_dir)
+    fingerprint_check = check_base_fingerprint(lora, base_fingerprint, base_dir, force)
+
+    tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        written = stream_merge(base_dir, lora, tmp, dtype, max_shard_size)
+        checkpoint.copy_non_weight_files(base_dir, tmp)
+        if dtype is not None:
+            _set_config_dtype(tmp / "config.json", dtype)
+        report = build_report(base_dir, base_fingerprint, lora, written, dtype, fingerprint_check)
+        if verify:
+            from workbench.merge.verify import verify_merge
+
+            report["verify"] = verify_merge(base_dir, adapter_dir, tmp, device=device)
+        write_report(tmp, report)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtype | None,
+                 max_shard_size: int) -> dict[str, str]:
+    """Merge every base tensor into `out_dir`; returns {key: what was done} for the touched keys."""
+    writer = checkpoint.ShardWriter(out_dir, max_shard_size)
+    done: dict[str, str] = {}
+    for _, shard in checkpoint.iter_shards(base_dir):
+        for key in list(shard):
+            # pop: hold no reference of our own, so each input tensor lives no longer than the loader's shard
+            tensor, action = merge_tensor(key, shard.pop(key), lora, dtype)
+            writer.add(key, tensor)
+            if action:
+                done[key] = action
+    writer.close()
+    missing = (set(lora.deltas) | set(lora.bias_deltas) | set(lora.replacements)) - set(done)
+    if missing:  # weight_map and the shards disagree: the base folder is inconsistent
+        raise CheckpointError(f"{base_dir}: keys {sorted(missing)} are in the index but in no shard")
+    return done
+
+
+def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter,
+                 dtype: torch.dtype | None) -> tuple[torch.Tensor, str | None]:
+    """(merged tensor, action or None) for one base tensor."""
+    out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    if key in lora.replacements:
+        new = lora.replacements[key]
+        if new.shape != tensor.shape:
+            raise CheckpointError(f"{lora.weights_file}: trained '{key}' has shape {tuple(new.shape)}, "
+                                  f"base has {tuple(tensor.shape)}")
+        return new.to(out_dtype), "trained"
+    if key in lora.deltas:
+        return _apply_delta(key, tensor, lora.deltas[key], lora).to(out_dtype), "lora"
+    if key in lora.bias_deltas:
+        return (tensor.float() + lora.bias_deltas[key]).to(out_dtype), "lora_bias"
+    return tensor.to(out_dtype), None
+
+
+def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter) -> torch.Tensor:
+    # B.flatten(1) @ A.flatten(1) covers nn.Linear ([out,r] @ [r,in]) and PEFT's Conv2d LoRA
+    # (1x1 B, A with the layer's kernel), whose product reshapes to the weight's shape.
+    update = delta.scale * (delta.B.float().flatten(1) @ delta.A.float().flatten(1))
+    if delta.embedding:  # lora_embedding_A [r, vocab], B [dim, r]: the product is W^T's shape
+        update = update.T
+    if update.numel() != weight.numel():
+        raise CheckpointError(f"{lora.weights_file}: LoRA on '{delta.module}' gives a delta of "
+                              f"{tuple(update.shape)} for '{key}' of shape {tuple(weight.shape)}")
+    merged = weight.float() + update.view(weight.shape)
+    if delta.magnitude is not None:
+        # DoRA: each output row is rescaled to the learned magnitude over the norm of W + ΔW
+        merged = (delta.magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+    return merged
+
+
+def _check_paths(base_dir: Path, adapter_dir: Path, out: Path, overwrite: bool) -> None:
+    out_r, base_r, adapter_r = out.resolve(), base_dir.resolve(), adapter_dir.resolve()
+    for name, path in (("BASE", base_r), ("ADAPTER", adapter_r)):
+        if out_r == path or path in out_r.parents or out_r in path.parents:
+            raise WorkbenchError(f"--out {out} overlaps {name} {path}; choose a separate folder")
+    if out.exists() and not overwrite:
+        raise WorkbenchError(f"{out} already exists; pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"{out} exists and is not a folder")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    # Move the old OUT aside first so that OUT is always either the old or the complete new merge.
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
+    """Record the new dtype: `torch_dtype`, and move a forced bf16/fp16/fp32 flag with it.
+
+    All three flags false means "pick by hardware" (spec §5.9); that choice is left alone.
+    """
+    config = json.loads(config_path.read_text())
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    flags = list(PRECISION_FLAGS.values())
+    if any(config.get(flag) for flag in flags):
+        for flag in flags:
+            config[flag] = flag == PRECISION_FLAGS[dtype]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+

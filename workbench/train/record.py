@@ -1,0 +1,200 @@
+"""The run folder: preparation checks, atomic writes, and the run record (workbench_run.json)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+import workbench
+from workbench.errors import WorkbenchError
+
+if TYPE_CHECKING:
+    from workbench.train.config import RunConfig
+
+RECORD_NAME = "workbench_run.json"
+RESOLVED_CONFIG_NAME = "config.resolved.yaml"
+METRICS_NAME = "metrics.jsonl"
+PLOT_NAME = "loss_curve.png"
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a sibling temporary file and rename it over `path`, so readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_yaml(path: Path, data: Any) -> None:
+    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_fingerprint(files: list[Path]) -> dict[str, str]:
+    """sha256 of each data file, keyed by the path as configured."""
+    return {str(path): sha256_file(Path(path)) for path in files}
+
+
+def checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoint-N folders in step order (trainer_state.json is written last, so a folder
+    without it is a save that was cut short)."""
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
+             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def prepare_output_dir(output_dir: Path, *, resume: bool) -> Path | None:
+    """Create and check the run folder before anything slow; returns the checkpoint to resume from.
+
+    Fails early (not after hours of training) when the folder cannot be written, when a started
+    run would be overwritten without --resume, or when --resume has nothing to resume from.
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-probe-"):
+            pass
+    except OSError as err:
+        raise WorkbenchError(f"train.output_dir: cannot write to {output_dir}: {err.strerror or err}") from None
+    found = checkpoints(output_dir)
+    if resume:
+        if not found:
+            raise WorkbenchError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
+        return found[-1]
+    if found or (output_dir / RECORD_NAME).exists():
+        raise WorkbenchError(
+            f"train.output_dir: {output_dir} already holds a run; add --resume to continue it, "
+            "or choose another train.output_dir")
+    return None
+
+
+def check_disk_space(output_dir: Path, trainable_params: int, kept_checkpoints: int) -> None:
+    """Refuse to start when the checkpoints the run will keep cannot fit on the disk."""
+    # One checkpoint: float32 trainable weights + two AdamW moments, plus slack for states and logs;
+    # one more than kept because the newest is written before the oldest is rotated out.
+    per_checkpoint = trainable_params * 4 * 3 + 16 * 2**20
+    need = per_checkpoint * (kept_checkpoints + 2)
+    free = shutil.disk_usage(output_dir).free
+    if free < need:
+        raise WorkbenchError(
+            f"train.output_dir: only {free / 2**30:.2f} GiB free on the disk of {output_dir}; the adapter and "
+            f"checkpoints need about {need / 2**30:.2f} GiB (lower train.save_total_limit or free some space)")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    return {"workbench": getattr(workbench, "__version__", "0.1.0"), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__}
+
+
+def start_run_record(output_dir: Path, config: RunConfig, trainable_params: int, data_files: list[Path],
+                     resume_from: Path | None) -> dict[str, Any]:
+    """The record at the start of a session; a resumed run keeps its record and adds a session.
+
+    Resuming on other base weights is refused (the adapter would not fit them); changed data
+    files only warn, since the data order then differs from the interrupted run's.
+    """
+    from workbench.model.checkpoint import fingerprint, resolve_model_dir
+
+    model_dir = resolve_model_dir(config.model)
+    base = {"path": str(model_dir.resolve()), "fingerprint": fingerprint(model_dir)}
+    data = data_fingerprint(data_files)
+    path = output_dir / RECORD_NAME
+    run = json.loads(path.read_text(encoding="utf-8")) if resume_from is not None and path.exists() else None
+    if run is not None:
+        if run["base_model"]["fingerprint"] != base["fingerprint"]:
+            raise WorkbenchError(f"--resume: {config.source}: model: {config.model} is not the base model the "
+                                 f"run in {output_dir} started from ({run['base_model']['path']})")
+        if run["data"] != data:
+            warnings.warn(f"--resume: the data files changed since the run in {output_dir} started; "
+                          "the resumed run will not see the same samples in the same order", stacklevel=2)
+    else:
+        run = {"status": "running", "config_file": config.source, "base_model": base, "data": data,
+               "sessions": []}
+    run.update({
+        "status": "running", "overrides": config.overrides, "config": config.to_dict(),
+        "recipe": config.recipe.to_dict(), "trainable_parameters": trainable_params, "data": data,
+        "versions": _versions(),
+    })
+    run["sessions"].append({"started": _now(), "resumed_from": resume_from.name if resume_from else None})
+    return run
+
+
+def finish_run_record(run: dict[str, Any], *, status: str, global_step: int, seconds: float,
+                      metrics: list[dict[str, Any]], output_dir: Path, bad_step: int | None) -> None:
+    """Fill in how the session ended and what the run produced."""
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
+    speeds = [m["train_tokens_per_second"] for m in metrics if "train_tokens_per_second" in m]
+    found = checkpoints(output_dir)
+    run["status"] = status
+    run["sessions"][-1].update({"ended": _now(), "seconds": round(seconds, 2), "end_step": global_step,
+                                "tokens_per_second": speeds[-1] if speeds else None})
+    run["result"] = {
+        "global_step": global_step,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "last_eval_loss": evals[-1] if evals else None,
+        "adapter": str(output_dir) if status == "completed" else None,
+        "last_checkpoint": str(found[-1]) if found else None,
+        "non_finite_loss_step": bad_step,
+    }
+
+
+def summary(run: dict[str, Any], output_dir: Path) -> str:
+    """The lines printed at the end of a session."""
+    result, session = run["result"], run["sessions"][-1]
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    speed = session["tokens_per_second"]
+    lines = [
+        f"{run['status']}: step {result['global_step']} in {session['seconds']:.1f} s"
+        + (f", {speed:.0f} tokens/s" if speed else ""),
+        f"  loss {fmt(result['first_loss'])} -> {fmt(result['last_loss'])}"
+        + (f", eval loss {fmt(result['last_eval_loss'])}" if result["last_eval_loss"] is not None else ""),
+    ]
+    if run["status"] == "completed":
+        lines.append(f"  adapter:    {output_dir}")
+    elif run["status"] == "interrupted":
+        lines.append(f"  checkpoint: {result['last_checkpoint']} (continue with --resume)")
+    else:
+        good = result["last_checkpoint"] or "none (no checkpoint was saved before it)"
+        lines.append(f"  the loss became NaN/inf at step {result['non_finite_loss_step']}; nothing after the "
+                     f"last good checkpoint was saved: {good}")
+    lines += [f"  record:     {output_dir / RECORD_NAME}",
+              f"  metrics:    {output_dir / METRICS_NAME} (plot: {output_dir / PLOT_NAME})"]
+    return "\n".join(lines)

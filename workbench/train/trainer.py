@@ -1,0 +1,247 @@
+"""`workbench train`: a run config -> a PEFT adapter folder with its run record.
+
+transformers' Trainer owns the loop, gradient accumulation, schedules, checkpoints, resume
+(data order, optimizer, scheduler, RNG) and accelerate (DDP / FSDP / DeepSpeed). The workbench
+adds only what it cannot do: the optimizer's per-component parameter groups from the recipe,
+a token-weighted loss that is the same for any split of the global batch, the run guard
+(NaN stop, Ctrl-C save), and the run folder (record, metrics, plot, summary).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
+from transformers import Trainer, TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+from workbench.train import record
+from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, read_metrics
+from workbench.train.config import RunConfig
+from workbench.train.plots import plot_loss_curve
+
+IGNORE_INDEX = -100
+
+
+class WorkbenchTrainer(Trainer):
+    """Trainer with the recipe's parameter groups, a split-invariant loss and the run guard."""
+
+    def __init__(self, *args: Any, run_config: RunConfig, guard: RunGuard, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.run_config, self.guard = run_config, guard
+        # The model returns the mean over its own micro-batch. Asking the Trainer for
+        # num_items_in_batch (the label-token count of the whole optimizer step, over all
+        # micro-batches and ranks) lets compute_loss rescale it into the global token mean, so
+        # the loss and the gradients do not depend on how the batch is split.
+        self.model_accepts_loss_kwargs = True
+        self._loss_shifts_labels = True  # count labels[:, 1:], the positions the model predicts
+
+    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
+        if self.optimizer is None:
+            from workbench.adapters.apply import param_groups
+
+            opt_model = self.model if model is None else model
+            groups = param_groups(opt_model, self.run_config.recipe, base_lr=self.args.learning_rate,
+                                  weight_decay=self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
+                     num_items_in_batch: torch.Tensor | int | None = None):
+        outputs = model(**inputs)
+        loss = outputs.loss
+        if num_items_in_batch is not None:
+            local = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+            # DDP averages gradients over ranks, hence the factor num_processes.
+            loss = loss * (local / num_items_in_batch) * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # PEFT's save_pretrained leaves out parameters a recipe trains in place (`train:`);
+        # save_adapter writes them into the same adapter file, for checkpoints and the final save.
+        from workbench.adapters.apply import save_adapter
+
+        output_dir = output_dir or self.args.output_dir
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
+                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.guard.observe_loss(loss)
+        return loss
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    status: str  # completed | interrupted | non_finite_loss
+    global_step: int
+    model: torch.nn.Module  # the trained PeftModel, for in-process use
+    bad_step: int | None = None  # where the loss became NaN/inf
+
+
+def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
+    t = config.train
+    precision = config.mixed_precision()
+    eval_steps = t.eval_steps or t.save_steps
+    return TrainingArguments(
+        output_dir=t.output_dir,
+        seed=t.seed,
+        learning_rate=t.lr,
+        lr_scheduler_type=t.schedule,
+        optim=t.optimizer,
+        # transformers reads a warmup_steps below 1 as a ratio of the run
+        warmup_steps=t.warmup_steps if t.warmup_steps > 0 else t.warmup_ratio,
+        weight_decay=t.weight_decay,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        adam_epsilon=t.adam_epsilon,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size or t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        gradient_checkpointing=t.gradient_checkpointing,
+        # non-reentrant: no need for inputs that require grad, works with frozen embeddings
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN must show in the logs, not be averaged away
+        include_num_input_tokens_seen="non_padding",
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=eval_steps if has_eval else None,
+        prediction_loss_only=True,
+        dataloader_num_workers=config.data.num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        remove_unused_columns=False,  # the collator's batch goes to the model as it is
+        use_cpu=_cpu_only(),
+        # every trainable parameter is used in every step (text-only batches run the ViT on a
+        # dummy image, spec §5.7), so DDP need not search the graph for unused ones
+        ddp_find_unused_parameters=False,
+        report_to="none",  # TensorBoard is added with a fixed folder below
+        disable_tqdm=True,  # ProgressBar replaces the default bar
+    )
+
+
+def _cpu_only() -> bool:
+    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told it is on CPU.
+    return not torch.cuda.is_available()
+
+
+@dataclass
+class TrainData:
+    train: Any
+    eval: Any | None
+    collator: Any
+    files: list[Path]  # the data files, for the run record's fingerprint
+
+
+def build_model(config: RunConfig, device: torch.device) -> torch.nn.Module:
+    """Base model in the run's dtype, quantised and adapted per the recipe (a PeftModel)."""
+    from workbench.adapters.apply import apply_recipe
+    from workbench.api import load_model
+
+    state = PartialState()
+    # FSDP and DeepSpeed place (and shard) the weights themselves; the others load straight onto
+    # their device, which bitsandbytes needs to quantise there.
+    sharded = state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+    model = load_model(config.model, dtype=config.dtype, device="cpu" if sharded else device)
+    model.config.use_cache = False
+    model.loss_chunk_size = config.train.loss_chunk_size
+    return apply_recipe(model, config.recipe)
+
+
+def build_data(config: RunConfig, model: torch.nn.Module) -> TrainData:
+    """The data engineer's pipeline: every record is read and checked here, before training."""
+    from workbench.api import load_tokenizer
+    from workbench.data.collator import SFTCollator
+    from workbench.data.dataset import load_sft_data
+    from workbench.data.records import find_files
+
+    tokenizer = load_tokenizer(config.model)
+    data = load_sft_data(config.data, tokenizer, image_size=model.config.visual["image_size"])
+    if PartialState().is_main_process:
+        print(data.report.summary())
+    files = find_files([*config.data.train, *config.data.eval])
+    return TrainData(train=data.train, eval=data.eval, files=files,
+                     collator=SFTCollator(tokenizer.pad_token_id, config.data.pad_to_multiple_of))
+
+
+def _kept_checkpoints(config: RunConfig, data: TrainData) -> int:
+    """How many checkpoints the run keeps on disk at most (for the disk-space check)."""
+    t = config.train
+    if t.save_total_limit:
+        return t.save_total_limit
+    steps = t.max_steps
+    if steps <= 0:
+        per_step = t.batch_size * t.gradient_accumulation_steps * PartialState().num_processes
+        steps = math.ceil(len(data.train) * t.epochs / per_step)
+    return max(1, steps // t.save_steps)
+
+
+def train(config: RunConfig, resume: bool = False, callbacks: list | None = None) -> RunResult:
+    """Run (or with `resume`, continue) the training a run config describes; returns where it ended."""
+    state = PartialState(cpu=_cpu_only())  # sets up the process group under `accelerate launch`
+    out = Path(config.train.output_dir)
+    # Every rank checks before any rank writes, or rank 1 would find rank 0's fresh record.
+    resume_from = record.prepare_output_dir(out, resume=resume)
+    state.wait_for_everyone()
+
+    set_seed(config.train.seed)  # before the adapter is built: LoRA init is random
+    model = build_model(config, state.device)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    data = build_data(config, model)
+    run_record = None
+    if state.is_main_process:
+        record.check_disk_space(out, trainable, _kept_checkpoints(config, data))
+        run_record = record.start_run_record(out, config, trainable, data.files, resume_from)
+        record.write_yaml(out / record.RESOLVED_CONFIG_NAME, config.to_dict())
+        record.write_json(out / record.RECORD_NAME, run_record)
+
+    guard = RunGuard()
+    trainer = WorkbenchTrainer(
+        model=model, args=training_arguments(config, has_eval=data.eval is not None),
+        data_collator=data.collator, train_dataset=data.train, eval_dataset=data.eval,
+        run_config=config, guard=guard,
+        callbacks=[ProgressBar(), MetricsLogger(out / record.METRICS_NAME), guard, *(callbacks or [])],
+    )
+    for default in (ProgressCallback, PrinterCallback):
+        trainer.remove_callback(default)
+    if config.train.tensorboard:
+        board = TensorBoardCallback()
+        board.logging_dir = str(out / "tensorboard")
+        trainer.add_callback(board)
+
+    started = time.time()
+    with guard.catch_signals():
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    status = guard.reason or "completed"
+    if status == "completed":
+        trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
+    state.wait_for_everyone()
+
+    result = RunResult(output_dir=out, status=status, global_step=trainer.state.global_step,
+                       model=trainer.model, bad_step=guard.bad_step)
+    if state.is_main_process:
+        metrics = read_metrics(out / record.METRICS_NAME)
+        plot_loss_curve(metrics, out / record.PLOT_NAME, title=f"{Path(config.source).name}: {status}")
+        record.finish_run_record(run_record, status=status, global_step=result.global_step,
+                                 seconds=time.time() - started, metrics=metrics, output_dir=out,
+                                 bad_step=guard.bad_step)
+        record.write_json(out / record.RECORD_NAME, run_record)
+        print(record.summary(run_record, out))
+    return result
