@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from tests.conftest import TINY_REF as REF
 
+from tests.conftest import TINY_REF as REF
 from workbench.errors import DataError
 from workbench.model.chat_format import (
     decode_tokens,

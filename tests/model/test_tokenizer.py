@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from tests.conftest import TINY_REF as REF
 
+from tests.conftest import TINY_REF as REF
 from workbench.errors import CheckpointError, DataError, WorkbenchError
 from workbench.model.tokenizer import ImageSpanError, QWenTokenizer, write_byte_vocab
 
