@@ -157,3 +157,17 @@ def test_param_groups_scale_lr_and_skip_decay_on_1d(tiny, write_recipe):
     assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each exactly once
     lm_head_copy = model.base_model.model.lm_head.modules_to_save["default"].weight
     assert any(p is lm_head_copy for p in by_name["llm"]["params"])
+
+
+def test_save_takes_values_from_a_gathered_state_dict(tiny, write_recipe, tmp_path):
+    # FSDP / DeepSpeed hand the Trainer's _save the full gathered state: its values must be saved,
+    # not this rank's (sharded) parameters.
+    model = adapted(tiny, write_recipe)
+    gathered = {k: v.clone() + 1.0 for k, v in model.state_dict().items()}
+    save_adapter(model, tmp_path, state_dict=gathered)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    query = "base_model.model.transformer.visual.attn_pool.query"
+    torch.testing.assert_close(saved[query], gathered[query], rtol=0, atol=0)
+    lora = next(k for k in saved if ".lora_A." in k)
+    gathered_lora = next(v for k, v in gathered.items() if k.replace(".default", "") == lora)
+    torch.testing.assert_close(saved[lora], gathered_lora, rtol=0, atol=0)

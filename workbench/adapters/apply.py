@@ -90,18 +90,25 @@ def param_groups(model: nn.Module, recipe: Recipe, base_lr: float, weight_decay:
     ]
 
 
-def trained_state_dict(model: PeftModel) -> dict:
-    """The fully trained parameters (`train`) that PEFT's own state dict leaves out."""
-    return {name: param.detach() for name, param in model.named_parameters()
-            if param.requires_grad and ".lora_" not in name and ".modules_to_save." not in name}
+def trained_state_dict(model: PeftModel, state_dict: dict | None = None) -> dict:
+    """The fully trained parameters (`train`) that PEFT's own state dict leaves out.
+
+    With `state_dict` (the full model state gathered by FSDP or DeepSpeed, whose parameters on
+    this rank are only shards), the values come from it, under the same names.
+    """
+    names = [name for name, param in model.named_parameters()
+             if param.requires_grad and ".lora_" not in name and ".modules_to_save." not in name]
+    if state_dict is None:
+        return {name: model.get_parameter(name).detach() for name in names}
+    return {name: state_dict[name] for name in names if name in state_dict}
 
 
-def save_adapter(model: PeftModel, out_dir: str | Path) -> None:
+def save_adapter(model: PeftModel, out_dir: str | Path, state_dict: dict | None = None) -> None:
     """`model.save_pretrained(out_dir)` plus the fully trained parameters in the same weights file."""
     from safetensors.torch import load_file, save_file
 
-    model.save_pretrained(out_dir)
-    extra = trained_state_dict(model)
+    model.save_pretrained(out_dir, state_dict=state_dict)
+    extra = trained_state_dict(model, state_dict)
     if extra:
         path = Path(out_dir) / WEIGHTS_FILE
         tensors = load_file(path)

@@ -71,7 +71,8 @@ class WorkbenchTrainer(Trainer):
 
         output_dir = output_dir or self.args.output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)
-        save_adapter(self.accelerator.unwrap_model(self.model), output_dir)
+        # Under FSDP / DeepSpeed the Trainer passes the gathered full `state_dict`: use it.
+        save_adapter(self.accelerator.unwrap_model(self.model), output_dir, state_dict=state_dict)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
