@@ -132,7 +132,7 @@ LLM = {"modules": ["c_attn"]}
                                                                      "weight' is quantised"),
     ({"llm": LLM, "quantization": {"components": ["lm_head"]}, "modules_to_save": ["lm_head"]},
      "modules_to_save: 'lm_head' is quantised"),
-    ({"vit": {"train": ["ln_pre"]}}, "recipe.yaml: no component has LoRA modules"),
+    ({"vit": {"layers": 1}, "llm": {"lr_scale": 2}}, "recipe.yaml: nothing trains"),
 ])
 def test_model_dependent_errors(tiny_meta, write_recipe, data, message):
     path = write_recipe(data)

@@ -15,6 +15,9 @@ The result is a plain `peft.PeftModel`; `PeftModel.from_pretrained(base, dir)` r
   applies no dropout at all.
 * `use_dora`: one flag per PEFT adapter, so adapted components must agree (checked in targets).
 * `modules_to_save` (top level): PEFT's own, saved as plain `base_model.model.<module>.weight`.
+* no LoRA at all (a recipe that only trains parameters fully, like the paper's stage 1): PEFT's
+  placeholder `target_modules` ("dummy-target-modules") makes a PeftModel without LoRA layers, so
+  training, saving, reloading and merging take the same path as any other adapter.
 * `train` (per component): trained in place (requires_grad=True, no copy). PEFT does not save
   such parameters (e.g. `attn_pool.query` is a bare nn.Parameter, which modules_to_save cannot
   wrap), so `save_adapter` adds them to adapter_model.safetensors under their PEFT state-dict
@@ -29,6 +32,7 @@ import math
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.constants import DUMMY_TARGET_MODULES
 from torch import nn
 
 from workbench.adapters.quantize import quantize_model
@@ -57,7 +61,8 @@ def apply_recipe(model: nn.Module, recipe: Recipe) -> PeftModel:
 
 def lora_config(recipe: Recipe, targets: Targets) -> LoraConfig:
     adapted = [c for c in COMPONENTS if targets.components[c].modules]
-    primary = recipe.components["llm" if "llm" in adapted else adapted[0]]
+    # Without LoRA, the (unused) r and alpha PEFT requires are the llm's.
+    primary = recipe.components["llm" if "llm" in adapted or not adapted else adapted[0]]
 
     def alpha(c: str) -> float:
         comp = recipe.components[c]
@@ -65,7 +70,7 @@ def lora_config(recipe: Recipe, targets: Targets) -> LoraConfig:
 
     return LoraConfig(
         r=primary.r, lora_alpha=alpha(primary.name), lora_dropout=primary.dropout,
-        target_modules=targets.lora_modules,
+        target_modules=targets.lora_modules or DUMMY_TARGET_MODULES,
         rank_pattern={PATTERNS[c]: recipe.components[c].r for c in adapted},
         alpha_pattern={PATTERNS[c]: alpha(c) for c in adapted},
         use_rslora=False, use_dora=primary.use_dora, bias="none", task_type="CAUSAL_LM",

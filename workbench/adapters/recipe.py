@@ -10,15 +10,17 @@ A recipe (`adapters/<name>.yaml`) has one section per component, `vit`, `resampl
       dropout: 0.05
       use_rslora: false                        # scale alpha/sqrt(r) instead of alpha/r
       use_dora: false
-      train: [ln_1, ln_2]                      # parameters trained fully (names or owning modules)
+      train: [ln_1, ln_2]                      # parameters trained fully (names, owning modules, or all)
       lr_scale: 1.0                            # this component's lr = the run's train.lr * lr_scale
       frozen: false                            # true: nothing in the component trains (the default)
 
 and top-level `description`, `modules_to_save` (whole modules PEFT copies and trains, e.g. `wte`,
 `lm_head`) and `quantization` (bits 4|8; for 4 bits quant_type nf4|fp4, double_quant and
 compute_dtype, which 8 bits ignores; components: whose linears to quantise, default [llm]).
-A component that is absent is frozen. The per-component learning rate is a *scale* of the run's base lr (not an absolute
-lr), so a schedule or a `--set train.lr=...` keeps the ratios the recipe chose.
+A component that is absent is frozen. `train: [all]` trains a whole component fully, and a recipe
+may have no LoRA at all (the paper's stage 1: `vit` and `resampler` with `train: [all]`).
+The per-component learning rate is a *scale* of the run's base lr (not an absolute lr), so a
+schedule or a `--set train.lr=...` keeps the ratios the recipe chose.
 
 `load_recipe(name_or_path)` finds a bare name in the repository's `adapters/` folder
 (`Path(workbench.__file__).parents[1] / "adapters"`, i.e. next to the `workbench/` package in a

@@ -13,7 +13,8 @@ Matching rules. A LoRA module pattern matches a candidate (an `nn.Linear`, or th
 resampler) equals the pattern or ends with `.pattern`, as PEFT's suffix matching does: `c_proj` in
 the LLM is both `attn.c_proj` and `mlp.c_proj`. A `train` pattern matches a parameter of the
 component when `.pattern.` occurs in `.name.`: a parameter (`query`), a module owning parameters
-(`ln_q`, `ln_1`) or a path (`mlp.c_fc.bias`). Both respect `layers` inside blocks.
+(`ln_q`, `ln_1`) or a path (`mlp.c_fc.bias`); `all` matches every parameter of the component
+except the resampler's fixed sin-cos table (`FIXED`). Both respect `layers` inside blocks.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ PATTERNS = {
     "resampler": r"transformer\.visual\.attn_pool\..+",
 }
 PEFT_PREFIX = "base_model.model."
+TRAIN_ALL = "all"  # a `train` pattern: the whole component (full training, e.g. the paper's stages)
+# Never trained by `all`: the release keeps this table fixed (requires_grad False, spec §4.1).
+FIXED = ("transformer.visual.attn_pool.pos_embed",)
 
 
 @dataclass
@@ -106,9 +110,9 @@ def resolve_targets(model: nn.Module, recipe: Recipe) -> Targets:
     params = [n for n, _ in model.named_parameters()]
     resolved = {name: _resolve_component(recipe, name, modules, params) for name in COMPONENTS}
     adapted = [c for c in COMPONENTS if resolved[c].modules]
-    if not adapted:
-        raise ConfigError(f"{recipe.file}: no component has LoRA modules; a PEFT adapter needs at least "
-                          "one, e.g. llm.modules: [c_attn]")
+    if not adapted and not any(c.train for c in resolved.values()) and not recipe.modules_to_save:
+        raise ConfigError(f"{recipe.file}: nothing trains; give a component LoRA modules (e.g. llm.modules: "
+                          "[c_attn]) or parameters to train fully (e.g. vit.train: [all])")
     _check_dora(recipe, adapted, modules, resolved)
     to_save = _match_whole_model(recipe, "modules_to_save", recipe.modules_to_save, modules)
     lora = {m for c in resolved.values() for m in c.modules}
@@ -178,7 +182,8 @@ def _resolve_component(recipe: Recipe, comp: str, modules: dict[str, nn.Module],
 
     own = [p for p in params if component_of(p) == comp]
     for pattern in spec.train:
-        hits = [p for p in own if f".{pattern}." in f".{p}."]
+        hits = [p for p in own if p not in FIXED] if pattern == TRAIN_ALL else \
+            [p for p in own if f".{pattern}." in f".{p}."]
         if not hits:
             names = sorted({_relative(p, comp) or p.removeprefix("transformer.") for p in own})
             raise ConfigError(f"{recipe.where(f'{comp}.train')}: '{pattern}' matches no parameter of the "

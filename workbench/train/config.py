@@ -24,7 +24,7 @@ from workbench.data.config import DataConfig
 from workbench.errors import ConfigError
 
 DTYPES = ("bfloat16", "float16", "float32")
-TOP_LEVEL_KEYS = ("model", "dtype", "adapter", "adapter_overrides", "data", "train")
+TOP_LEVEL_KEYS = ("model", "dtype", "image_size", "adapter", "adapter_overrides", "data", "train")
 
 
 class _Loader(yaml.SafeLoader):
@@ -164,6 +164,9 @@ class RunConfig:
     recipe: Recipe
     data: DataConfig
     train: TrainConfig
+    # Training resolution in pixels; None keeps the model's config.visual["image_size"]. The
+    # trainer checks it against the patch size (it needs the model) and sets it on the model.
+    image_size: int | None = None
     overrides: list[str] = field(default_factory=list)  # the --set arguments, for the run record
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,6 +174,7 @@ class RunConfig:
         return {
             "model": self.model,
             "dtype": self.dtype,
+            "image_size": self.image_size,
             "adapter": self.adapter,
             "adapter_overrides": self.adapter_overrides,
             "data": self.data.to_dict(),
@@ -239,6 +243,10 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     adapter_overrides = raw.get("adapter_overrides") or {}
     if not isinstance(adapter_overrides, dict):
         raise ConfigError(f"{source}: adapter_overrides: expected a mapping, got {adapter_overrides!r}")
+    image_size = raw.get("image_size")
+    if image_size is not None and (not isinstance(image_size, int) or isinstance(image_size, bool)
+                                   or image_size <= 0):
+        raise ConfigError(f"{source}: image_size: expected a size in pixels (e.g. 224) or null, got {image_size!r}")
     if not isinstance(raw["data"], dict):
         raise ConfigError(f"{source}: data: expected a mapping, got {raw['data']!r}")
     config = RunConfig(
@@ -246,7 +254,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         adapter_overrides=adapter_overrides,
         recipe=load_recipe(raw["adapter"], adapter_overrides, source=source),
         data=DataConfig.from_dict(raw["data"], source=source),
-        train=TrainConfig.from_dict(raw["train"], source), overrides=overrides,
+        train=TrainConfig.from_dict(raw["train"], source), image_size=image_size, overrides=overrides,
     )
     if config.mixed_precision() == "fp16" and dtype == "bfloat16":
         raise ConfigError(f"{source}: train.precision: fp16 autocast over bfloat16 weights mixes two half "

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from workbench.errors import ConfigError
 from workbench.train import record
 from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, read_metrics
 from workbench.train.config import RunConfig
@@ -161,9 +162,27 @@ def build_model(config: RunConfig, device: torch.device) -> torch.nn.Module:
     # their device, which bitsandbytes needs to quantise there.
     sharded = state.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
     model = load_model(config.model, dtype=config.dtype, device="cpu" if sharded else device)
+    if config.image_size is not None:
+        set_image_size(model, config.image_size, f"{config.source}: image_size")
     model.config.use_cache = False
     model.loss_chunk_size = config.train.loss_chunk_size
     return apply_recipe(model, config.recipe)
+
+
+def set_image_size(model: torch.nn.Module, size: int, where: str) -> None:
+    """Train at `size` px (the paper's stage 1 at 224, stages 2-3 at 448).
+
+    The data pipeline preprocesses images at `config.visual["image_size"]`, and the ViT resizes
+    its 16x16 position table (and the resampler its key table) to the new patch grid in every
+    forward (`get_abs_pos`, spec §4.3): 224 px is a 16x16 grid, used as it is. No weight changes
+    shape, so an adapter trained at any size loads onto the base; only this run's model is changed.
+    """
+    patch = model.config.visual["patch_size"]
+    if size % patch:
+        nearest = max(1, round(size / patch)) * patch
+        raise ConfigError(f"{where}: {size} is not a multiple of the patch size {patch}; try {nearest}")
+    model.config.visual["image_size"] = size
+    model.transformer.visual.image_size = size
 
 
 def build_data(config: RunConfig, model: torch.nn.Module) -> TrainData:
