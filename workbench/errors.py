@@ -7,6 +7,9 @@ the message and exits with status 2 instead of showing a traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class WorkbenchError(Exception):
     """An error in the user's input, with a message that says where and what."""
@@ -34,3 +37,10 @@ class DataError(WorkbenchError, ValueError):
 
 class CheckpointError(WorkbenchError, ValueError):
     """A model folder or weight file is missing, corrupt or not Qwen-VL."""
+
+
+def nearest(name: object, valid: Iterable[object]) -> str:
+    """'did you mean X?' for the closest valid name, else the list of valid names."""
+    valid = [str(v) for v in valid]
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
+    return f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(valid)}"

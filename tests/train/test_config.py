@@ -54,7 +54,7 @@ def test_set_overrides_are_typed_by_yaml_and_create_keys(tmp_path):
 
 @pytest.mark.parametrize("config, overrides, message", [
     (with_train(learning_rate=1e-4), [], "run.yaml: train.learning_rate: unknown key"),
-    (with_train(schedul="cosine"), [], "(did you mean 'schedule'?)"),
+    (with_train(schedul="cosine"), [], "did you mean 'schedule'?"),
     (with_train(lr="fast"), [], "train.lr: expected float, got 'fast'"),
     (with_train(batch_size=2.5), [], "train.batch_size: expected int, got 2.5"),
     (with_train(gradient_checkpointing="yes"), [], "train.gradient_checkpointing: expected bool"),
@@ -63,7 +63,7 @@ def test_set_overrides_are_typed_by_yaml_and_create_keys(tmp_path):
     (with_train(max_steps=0), [], "train.max_steps: must be > 0 (or -1"),
     (with_train(warmup_ratio=1.5), [], "train.warmup_ratio: must be in [0, 1)"),
     ({**BASE, "train": {"lr": 1e-4}}, [], "train.output_dir: missing"),
-    ({**BASE, "modle": "x"}, [], "run.yaml: modle: unknown key (did you mean 'model'?)"),
+    ({**BASE, "modle": "x"}, [], "run.yaml: modle: unknown key; did you mean 'model'?"),
     ({**BASE, "dtype": "bf16"}, [], "run.yaml: dtype: 'bf16' is not one of"),
     ({k: v for k, v in BASE.items() if k != "data"}, [], "run.yaml: data: missing"),
     (BASE, ["train.lr"], "--set 'train.lr': expected key=value"),

@@ -120,5 +120,5 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path, capsys):
                                 "train": {"output_dir": str(tmp_path / "out"), "lr": 1e-4}}))
     assert main(["train", str(path), "--set", "train.warmup_ratoi=0.1"]) == 2
     err = capsys.readouterr().err
-    assert "train.warmup_ratoi: unknown key (did you mean 'warmup_ratio'?)" in err
+    assert "train.warmup_ratoi: unknown key; did you mean 'warmup_ratio'?" in err
     assert "Traceback" not in err

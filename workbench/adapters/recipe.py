@@ -31,7 +31,6 @@ patterns that match nothing, layers out of range) and reports with `Recipe.where
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ from typing import Any
 import yaml
 
 import workbench
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, nearest
 
 RECIPE_DIR = Path(workbench.__file__).resolve().parents[1] / "adapters"
 COMPONENTS = ("vit", "resampler", "llm")
@@ -53,12 +52,6 @@ DTYPES = ("bfloat16", "float16", "float32")
 # PEFT's and finetune.py's spellings, which people will type.
 ALIASES = {"lr": "lr_scale", "rank": "r", "lora_r": "r", "lora_alpha": "alpha", "lora_dropout": "dropout",
            "target_modules": "modules"}
-
-
-def nearest(name: str, valid: list[str] | tuple[str, ...]) -> str:
-    """'did you mean X?' for the closest valid name, else the list of valid names."""
-    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=1, cutoff=0.5)
-    return f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(map(str, valid))}"
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from workbench.adapters.recipe import COMPONENTS, LAYERED, Quantization, Recipe, nearest
-from workbench.errors import ConfigError
+from workbench.adapters.recipe import COMPONENTS, LAYERED, Quantization, Recipe
+from workbench.errors import ConfigError, nearest
 
 BLOCKS = {"llm": "transformer.h.", "vit": "transformer.visual.transformer.resblocks."}
 RESAMPLER = "transformer.visual.attn_pool."

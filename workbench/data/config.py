@@ -6,11 +6,10 @@ an unknown key also names the closest valid one, since a typo would otherwise be
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, nearest
 
 CHOICES = {
     "format": ("auto", "official", "structured"),
@@ -47,9 +46,7 @@ class DataConfig:
         valid = [f.name for f in fields(cls)]
         for key in d:
             if key not in valid:
-                near = difflib.get_close_matches(str(key), valid, n=1)
-                hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(valid)}"
-                raise ConfigError(f"{source}: data.{key}: unknown key{hint}")
+                raise ConfigError(f"{source}: data.{key}: unknown key; {nearest(key, valid)}")
         values = {k: _check(k, v, source) for k, v in d.items()}
         cfg = cls(**values)
         if not cfg.train:

@@ -248,7 +248,8 @@ def save_model(model_or_state_dict, out_dir: str | os.PathLike, max_shard_size: 
     return index
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -260,9 +261,9 @@ def fingerprint(model_dir: str | os.PathLike) -> dict:
     """sha256 of config.json and of every weight file (recomputed on every call, never cached)."""
     model_dir = resolve_model_dir(model_dir)
     files = sorted(set(weight_map(model_dir).values()))
-    weights = {str(p.relative_to(model_dir)): _sha256(p)
+    weights = {str(p.relative_to(model_dir)): sha256_file(p)
                for p in tqdm(files, desc="hashing weights", unit="file", disable=len(files) < 2)}
-    return {"config_sha256": _sha256(model_dir / "config.json"), "weights": weights}
+    return {"config_sha256": sha256_file(model_dir / "config.json"), "weights": weights}
 
 
 def copy_non_weight_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:

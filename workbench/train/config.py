@@ -9,7 +9,6 @@ dotted key, with the nearest valid name when a key is misspelled.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import types
 import typing
@@ -21,7 +20,7 @@ import yaml
 
 from workbench.adapters.recipe import Recipe, load_recipe
 from workbench.data.config import DataConfig
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, nearest
 
 DTYPES = ("bfloat16", "float16", "float32")
 TOP_LEVEL_KEYS = ("model", "dtype", "image_size", "adapter", "adapter_overrides", "data", "train")
@@ -40,12 +39,6 @@ _Loader.add_implicit_resolver(
 
 def parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
-
-
-def suggest(name: str, valid: typing.Iterable[str]) -> str:
-    """' (did you mean 'x'?)' for the nearest valid name, else ''."""
-    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean '{close[0]}'?)" if close else ""
 
 
 @dataclass
@@ -101,7 +94,7 @@ class TrainConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in section:
             if key not in names:
-                raise ConfigError(f"{source}: train.{key}: unknown key{suggest(str(key), names)}")
+                raise ConfigError(f"{source}: train.{key}: unknown key; {nearest(key, names)}")
         if "output_dir" not in section:
             raise ConfigError(f"{source}: train.output_dir: missing (the folder for the adapter and run record)")
         values = {key: _check_type(value, hints[key], f"{source}: train.{key}") for key, value in section.items()}
@@ -114,7 +107,7 @@ class TrainConfig:
             value = getattr(self, key)
             if value not in choices:
                 raise ConfigError(f"{source}: train.{key}: '{value}' is not one of {', '.join(choices)}"
-                                  f"{suggest(value, choices)}")
+                                  f"; {nearest(value, choices)}")
         for key in self.POSITIVE:
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -230,7 +223,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
 
     for key in raw:
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"{source}: {key}: unknown key{suggest(str(key), TOP_LEVEL_KEYS)}")
+            raise ConfigError(f"{source}: {key}: unknown key; {nearest(key, TOP_LEVEL_KEYS)}")
     for key in ("model", "adapter", "data", "train"):
         if raw.get(key) is None:
             raise ConfigError(f"{source}: {key}: missing")
@@ -239,7 +232,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
             raise ConfigError(f"{source}: {key}: expected a string, got {raw[key]!r}")
     dtype = raw.get("dtype", "bfloat16")
     if dtype not in DTYPES:
-        raise ConfigError(f"{source}: dtype: '{dtype}' is not one of {', '.join(DTYPES)}{suggest(str(dtype), DTYPES)}")
+        raise ConfigError(f"{source}: dtype: '{dtype}' is not one of {', '.join(DTYPES)}; {nearest(dtype, DTYPES)}")
     adapter_overrides = raw.get("adapter_overrides") or {}
     if not isinstance(adapter_overrides, dict):
         raise ConfigError(f"{source}: adapter_overrides: expected a mapping, got {adapter_overrides!r}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -16,6 +15,7 @@ import yaml
 
 import workbench
 from workbench.errors import WorkbenchError
+from workbench.model.checkpoint import sha256_file
 
 if TYPE_CHECKING:
     from workbench.train.config import RunConfig
@@ -44,14 +44,6 @@ def write_json(path: Path, data: Any) -> None:
 
 def write_yaml(path: Path, data: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_fingerprint(files: list[Path]) -> dict[str, str]:
