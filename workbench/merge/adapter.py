@@ -27,6 +27,7 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from workbench.errors import CheckpointError
+from workbench.model.checkpoint import load_weight_file
 from workbench.train.record import CHECKPOINT_PREFIX, RECORD_NAME
 
 PREFIX = "base_model.model."
@@ -70,7 +71,7 @@ def read_adapter(adapter_dir: str | Path, base_keys: set[str]) -> Adapter:
     adapter_dir = Path(adapter_dir)
     config = _read_config(adapter_dir)
     weights_file = _find_weights(adapter_dir)
-    tensors = _load_tensors(weights_file)
+    tensors = load_weight_file(weights_file)
     adapter = Adapter(adapter_dir, weights_file, config)
     adapter.run_record_file, adapter.run_record = _read_run_record(adapter_dir)
 
@@ -185,17 +186,6 @@ def _find_weights(adapter_dir: Path) -> Path:
         if (adapter_dir / name).is_file():
             return adapter_dir / name
     raise CheckpointError(f"{adapter_dir}: no {' or '.join(WEIGHT_FILES)}")
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any decoding failure means a truncated or corrupt file
-        raise CheckpointError(f"{path}: cannot read adapter weights, file corrupt or truncated ({err})") from err
 
 
 def _read_run_record(adapter_dir: Path) -> tuple[Path | None, dict | None]:

@@ -69,11 +69,12 @@ def weight_map(model_dir: str | os.PathLike) -> dict[str, Path]:
         if (model_dir / name).is_file():
             return _read_index(model_dir / name)
     if (model_dir / BIN_SINGLE).is_file():
-        return dict.fromkeys(_load_file(model_dir / BIN_SINGLE), model_dir / BIN_SINGLE)
+        return dict.fromkeys(load_weight_file(model_dir / BIN_SINGLE), model_dir / BIN_SINGLE)
     raise CheckpointError(f"{model_dir}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_INDEX})")
 
 
-def _load_file(path: Path) -> dict[str, torch.Tensor]:
+def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors or .bin file (on the CPU); a corrupt file is a CheckpointError."""
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
@@ -91,7 +92,7 @@ def iter_shards(model_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, 
     for key, path in weight_map(model_dir).items():
         by_file.setdefault(path, []).append(key)
     for path, keys in by_file.items():
-        tensors = _load_file(path)
+        tensors = load_weight_file(path)
         missing = [k for k in keys if k not in tensors]
         if missing:
             raise CheckpointError(f"{path}: lacks {len(missing)} key(s) the index assigns to it, e.g. {missing[:3]}")
