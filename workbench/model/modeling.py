@@ -80,8 +80,17 @@ def span_path(input_ids: torch.Tensor, row: int, a: int, b: int, img_pad_id: int
 
 def additive_mask(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, seq_len: int,
                   past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """§5.6: the sum of additive masks with finfo.min entries (two of them add up to -inf)."""
+    """§5.6: the sum of additive masks with finfo.min entries (two of them add up to -inf).
+
+    None when plain causal attention is exact: a prefill with no padding and no packing. The
+    attention then asks SDPA for `is_causal`, which lets it pick its flash kernels on the GPU
+    (a float mask rules them out); an all-ones attention_mask adds nothing to the scores.
+    """
     m = torch.finfo(dtype).min
+    if attention_mask is not None and bool(attention_mask.all()):
+        attention_mask = None
+    if past_len == 0 and attention_mask is None and segment_ids is None:
+        return None
     mask = None
     if seq_len > 1:
         query = torch.arange(past_len, past_len + seq_len, device=device)[:, None]

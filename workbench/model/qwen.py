@@ -85,7 +85,10 @@ class QWenAttention(nn.Module):
         if past_key_values is not None:  # the cache holds post-RoPE keys
             k, v = past_key_values.update(k, v, self.layer_idx)
         scale = 1.0 / torch.tensor(math.sqrt(self.head_dim), dtype=q.dtype).item()
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, scale=scale,
+        # No mask for several queries means plain causal attention from position 0 (a prefill without
+        # padding or packing: see modeling.additive_mask); one query (decoding) sees every key.
+        causal = attention_mask is None and s > 1
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=scale,
                                              dropout_p=self.attn_dropout if self.training else 0.0)
         return self.c_proj(out.transpose(1, 2).reshape(b, s, self.projection_size))
 
