@@ -92,11 +92,16 @@ def iter_shards(model_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, 
     for key, path in weight_map(model_dir).items():
         by_file.setdefault(path, []).append(key)
     for path, keys in by_file.items():
-        tensors = load_weight_file(path)
-        missing = [k for k in keys if k not in tensors]
-        if missing:
-            raise CheckpointError(f"{path}: lacks {len(missing)} key(s) the index assigns to it, e.g. {missing[:3]}")
-        yield path, {k: tensors[k] for k in keys}
+        # No local keeps the shard while the caller holds it: a consumer that pops its tensors
+        # (as merge does) frees each one as soon as it is written.
+        yield path, _shard(load_weight_file(path), keys, path)
+
+
+def _shard(tensors: dict[str, torch.Tensor], keys: list[str], path: Path) -> dict[str, torch.Tensor]:
+    missing = [k for k in keys if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: lacks {len(missing)} key(s) the index assigns to it, e.g. {missing[:3]}")
+    return {k: tensors.pop(k) for k in keys}
 
 
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
