@@ -42,3 +42,17 @@ def test_bench_tiny_cli(tmp_path, capsys):
         assert r["s_per_it"] > 0 and abs(r["tokens_per_s"] - r["seq_len"] * 2 / r["s_per_it"]) < 1e-6
         assert r["trainable_params"] > 0 and r["tflops"] > 0
     assert report["environment"]["device"] == "cpu" and "| official-lora | 280 |" in capsys.readouterr().out
+
+
+def test_bf16_model_built_in_place_trains():
+    # The GPU path: weights built directly in bf16 (here on the CPU), one training step.
+    import torch
+
+    from workbench.bench.run import build_model
+
+    model = build_model("official-lora", tiny=True, device=torch.device("cpu"), dtype=torch.bfloat16)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" not in n} == {torch.bfloat16}
+    batch = synthetic_batch(model.base_model.model.config, 300, "cpu")
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)

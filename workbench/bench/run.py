@@ -61,6 +61,7 @@ def build_model(recipe_name: str, tiny: bool, device: torch.device, dtype: torch
     config.use_cache = False
     with torch.device(device), default_dtype(dtype):
         model = QWenLMHeadModel(config)
+    model.to(dtype)  # the few tables built in float32 (attn_pool.pos_embed), as load_model's dtype does
     init_tiny_weights(model, n_text_tokens(config) + 217, seed=0)
     model.loss_chunk_size = LOSS_CHUNK_SIZE
     model = apply_recipe(model, load_recipe(recipe_name))
