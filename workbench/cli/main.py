@@ -8,9 +8,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from workbench.errors import WorkbenchError
+
+# bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional CPU 4-bit kernel
+# package is missing. The workbench never uses that kernel (adapters/quantize.py turns the CPU
+# repack path off), so the warning would only alarm people.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 COMMANDS = ["train", "merge", "inspect", "data", "eval", "chat", "bench", "vit", "demo"]
 
