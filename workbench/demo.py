@@ -98,11 +98,11 @@ def _ask(model, tokenizer, query, out_png: Path) -> dict:
 def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0) -> dict:
     """Data -> base model -> eval -> LoRA training -> merge + verify -> eval + one drawn answer."""
     from workbench.api import load_model, load_tokenizer
+    from workbench.atomic import write_json
     from workbench.data.synthetic import make_shapes_dataset
     from workbench.eval.grounding import load_queries
     from workbench.merge.merge import merge_adapter
     from workbench.train.config import load_run_config
-    from workbench.train.record import write_json
     from workbench.train.trainer import train
 
     out = Path(out_dir)

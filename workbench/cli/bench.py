@@ -19,11 +19,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
 
     import torch
 
+    from workbench.atomic import write_json
     from workbench.bench.run import as_dicts, environment, format_table, matmul_rate, run_bench
     from workbench.errors import ConfigError
 
@@ -42,9 +41,6 @@ def run(args: argparse.Namespace) -> int:
     env = environment(device, rate)
     print(format_table(results, f"{env['device']}, measured matmul rate {env['matmul_tflops']:.3g} TFLOP/s, "
                                 f"torch {env['torch']}, transformers {env['transformers']}, {env['date']}"))
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"environment": env, "results": as_dicts(results)}, indent=2) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_json(args.out, {"environment": env, "results": as_dicts(results)})
+    print(f"wrote {args.out}")
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from workbench.atomic import write_text
 from workbench.data.render import load_task_template
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
@@ -80,7 +81,5 @@ def make_shapes_dataset(out_dir: str | Path, n_images: int, *, shapes_per_image:
                             "objects": [{"ref": f"the {colour} {shape}", "bbox": list(box)}]})
         image.save(out_dir / "images" / f"{name}-{i:04d}.png")
     path = out_dir / f"{name}.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+    write_text(path, "".join(json.dumps(r) + "\n" for r in records))
     return path

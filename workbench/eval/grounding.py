@@ -15,8 +15,6 @@ Prompts:
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from workbench.atomic import write_json
 from workbench.data.boxes import GRID, Box, denormalize_box
 from workbench.data.convert.refcoco import read_official_jsonl
 from workbench.data.records import iter_rows
@@ -173,7 +172,7 @@ def evaluate_grounding(model, tokenizer, queries: Sequence[Query], *, prompt: st
                            "parser": parser, "divisor": divisor},
               "metrics": summarize(results), "samples": [r.to_json() for r in results]}
     if out_dir is not None:
-        _write_json(report, Path(out_dir) / "report.json")
+        write_json(Path(out_dir) / "report.json", report)
     return report
 
 
@@ -181,13 +180,6 @@ def _draw_result(image: Image.Image, r: Scored, path: Path) -> None:
     boxes = [(f"true: {r.ref}", g) for g in r.gt] + ([(f"pred IoU {r.iou:.2f}", r.pred)] if r.pred else [])
     colors = [GT_COLOR] * len(r.gt) + [PRED_COLOR] * (r.pred is not None)
     save_png(draw_boxes(image, boxes, colors), path)
-
-
-def _write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def ground(model, tokenizer, image: str | Path | Image.Image, phrase: str, *, prompt: str = "chat",

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from workbench.atomic import write_json
 from workbench.errors import CheckpointError
 from workbench.merge.adapter import MHA_OUT_PROJ, PEFT_MHA_OUT_PROJ_FACTOR, Adapter
 from workbench.model.checkpoint import sha256_file
@@ -80,4 +80,4 @@ def adapter_fingerprint(lora: Adapter) -> dict:
 
 
 def write_report(out_dir: Path, report: dict) -> None:
-    (out_dir / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out_dir / REPORT, report)

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from workbench.atomic import write_json
 from workbench.errors import CheckpointError
 from workbench.model.config import QWenConfig, load_config, precision_dtype
 
@@ -223,13 +224,6 @@ class ShardWriter:
             index_name = SAFE_INDEX if self.layout == "safetensors" else BIN_INDEX
             write_json(self.out_dir / index_name, index)
         return index
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename: never a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 def save_model(model_or_state_dict, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB",

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig
 
-from workbench.model.checkpoint import save_model, write_json
+from workbench.atomic import write_json
+from workbench.model.checkpoint import save_model
 from workbench.model.config import QWenConfig
 from workbench.model.tokenizer import QWenTokenizer, write_byte_vocab
 

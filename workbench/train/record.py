@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -14,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 import workbench
+from workbench.atomic import write_text
 from workbench.errors import WorkbenchError
 from workbench.model.checkpoint import sha256_file
 
@@ -27,23 +27,8 @@ PLOT_NAME = "loss_curve.png"
 CHECKPOINT_PREFIX = "checkpoint-"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a sibling temporary file and rename it over `path`, so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
 def write_yaml(path: Path, data: Any) -> None:
-    atomic_write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+    write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
 def data_fingerprint(files: list[Path]) -> dict[str, str]:

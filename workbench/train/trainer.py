@@ -22,6 +22,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from workbench.atomic import write_json
 from workbench.errors import ConfigError
 from workbench.train import record
 from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, read_metrics
@@ -230,7 +231,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         record.check_disk_space(out, trainable, _kept_checkpoints(config, data))
         run_record = record.start_run_record(out, config, trainable, data.files, resume_from)
         record.write_yaml(out / record.RESOLVED_CONFIG_NAME, config.to_dict())
-        record.write_json(out / record.RECORD_NAME, run_record)
+        write_json(out / record.RECORD_NAME, run_record)
 
     guard = RunGuard()
     trainer = WorkbenchTrainer(
@@ -262,6 +263,6 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         record.finish_run_record(run_record, status=status, global_step=result.global_step,
                                  seconds=time.time() - started, metrics=metrics, output_dir=out,
                                  bad_step=guard.bad_step)
-        record.write_json(out / record.RECORD_NAME, run_record)
+        write_json(out / record.RECORD_NAME, run_record)
         print(record.summary(run_record, out))
     return result
