@@ -8,14 +8,12 @@ verify (`merged/`), one grounding answer of the reloaded merged model drawn on i
 (`answer.png`) and `metrics.json` with the numbers.
 
 The base model is synthetic: random weights (workbench.model.tiny), except the vision side,
-which is set by hand to stand in for Qwen-VL's pretrained ViT and resampler (see
-`make_demo_base_model`). A random resampler pools the patches almost uniformly and loses where
-things are, which no short LoRA run can recover.
+which is set by hand (workbench.model.tiny_vision) to stand in for Qwen-VL's pretrained ViT and
+resampler: its image tokens say which colour is where. The random LLM learns to read them.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 
@@ -25,46 +23,29 @@ import workbench
 from workbench.errors import WorkbenchError
 
 DEMO_CONFIG = Path(workbench.__file__).resolve().parents[1] / "configs" / "demo.yaml"
-# 224 px with 14 px patches is a 16 x 16 grid: exactly the resampler's 256 queries, so query i
-# and patch i share a row of the same 2D sin-cos table.
+# 224 px with 14 px patches is a 16 x 16 grid: one patch per resampler query (tiny_vision.py).
 BASE_SIZES = {"hidden_size": 128, "num_hidden_layers": 2,
               "visual": {"image_size": 224, "width": 64, "layers": 2, "heads": 4}}
-KEY_SHARPNESS = 6.0   # q and k blocks of the resampler's in_proj = this * identity
-KV_NORM_WEIGHT = 0.1  # small ln_q / ln_kv weights: the 2D positions dominate q.k
-VIT_POS_SCALE = 4.0   # the ViT's 2D sin-cos position table, large enough to survive its blocks
-N_TRAIN, N_EVAL, SHAPES_PER_IMAGE = 600, 48, (1, 3)
+N_TRAIN, N_EVAL, SHAPES_PER_IMAGE = 600, 48, (1, 2)
 MAX_NEW_TOKENS = 64   # a byte-level answer `<ref>the yellow triangle</ref><box>(123,456),(789,999)</box>` is ~42 ids
 
 
 def make_demo_base_model(out_dir: Path, seed: int) -> Path:
-    """The tiny random model of workbench.model.tiny, with a position-preserving vision side.
+    """The tiny random model of workbench.model.tiny with the hand-set vision side of tiny_vision.py.
 
-    Stands in for pretraining (the real resampler has learned to keep positions): the ViT's
-    position table is the 2D sin-cos table (scaled), and the resampler's attention starts as
-    "query i looks at patch i": q and k projections are KEY_SHARPNESS * I on inputs dominated by
-    the shared sin-cos positions, v and out_proj are I, the learned queries start at zero.
+    The LLM is random: it has never seen an image token or a box, which is what training teaches.
+    The byte-level vocabulary has one token per word of the shapes' phrases (synthetic.WORDS):
+    a 2-layer LLM finds "which colour" in one token far sooner than across 4-6 bytes.
     """
     from workbench.api import load_model
+    from workbench.data.synthetic import COLOURS, WORDS
     from workbench.model.checkpoint import save_model
-    from workbench.model.resampler import get_2d_sincos_pos_embed
     from workbench.model.tiny import make_tiny_model_dir
+    from workbench.model.tiny_vision import set_shape_vision
 
-    make_tiny_model_dir(out_dir, seed=seed, **BASE_SIZES)
+    make_tiny_model_dir(out_dir, seed=seed, words=WORDS, **BASE_SIZES)
     model = load_model(out_dir, dtype=torch.float32)
-    visual = model.transformer.visual
-    pool = visual.attn_pool
-    width = pool.attn.embed_dim
-    with torch.no_grad():
-        rows, vit_width = visual.positional_embedding.shape
-        table = get_2d_sincos_pos_embed(vit_width, math.isqrt(rows))
-        visual.positional_embedding.copy_(VIT_POS_SCALE * torch.from_numpy(table))
-        eye = torch.eye(width)
-        pool.attn.in_proj_weight.copy_(torch.cat([KEY_SHARPNESS * eye, KEY_SHARPNESS * eye, eye]))
-        pool.attn.out_proj.weight.copy_(eye)
-        for param in (pool.attn.in_proj_bias, pool.attn.out_proj.bias, pool.query, pool.ln_q.bias, pool.ln_kv.bias):
-            param.zero_()
-        pool.ln_q.weight.fill_(KV_NORM_WEIGHT)
-        pool.ln_kv.weight.fill_(KV_NORM_WEIGHT)
+    set_shape_vision(model, COLOURS)
     save_model(model, out_dir, max_shard_size="10GB")  # same file names: replaces the random weights
     return out_dir
 

@@ -176,6 +176,17 @@ def test_byte_vocab_round_trips_utf8(tmp_path):
     assert tok.encode("héllo") == list("héllo".encode())
 
 
+def test_byte_vocab_words_are_one_token_each(tmp_path):
+    write_byte_vocab(tmp_path / "qwen.tiktoken", words=["the", " green", " grey"])
+    tok = QWenTokenizer.from_pretrained(tmp_path)
+    # chains: " g", " gr", " gre", " gree", " green", then " grey" reuses " gr"/" gre" (+1 each)
+    assert len(tok) == 256 + 2 + 5 + 1 + 217 and tok.eod_id == 264
+    ids = tok.encode("<ref>the green grey</ref> greens")
+    assert [tok.decode([i]) for i in ids] == ["<ref>", "the", " green", " grey", "</ref>", " green", "s"]
+    text = "the gre en, green-grey 猫"
+    assert tok.decode(tok.encode(text)) == text
+
+
 def test_bad_vocab_files(tmp_path):
     with pytest.raises(CheckpointError, match="qwen.tiktoken"):
         QWenTokenizer.from_pretrained(tmp_path)

@@ -2,7 +2,7 @@
 
 Used by `workbench demo` and the grounding tests, so both run with nothing downloaded. Images
 have different sizes (boxes are normalised by each image's own size), shapes never overlap,
-and every (colour, shape) pair is unique in its image, so "the red triangle" names one box.
+and the colours in an image are all different, so "the red triangle" names one box.
 Samples are written in the structured format with the grounding task template's prompts.
 """
 
@@ -19,6 +19,8 @@ from workbench.data.render import load_task_template
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")
+# The phrases' words, for a vocabulary that makes each one token (`the red triangle`: 3 ids).
+WORDS = ("the", *(f" {word}" for word in (*COLOURS, *SHAPES)))
 
 
 def _background(rng: random.Random, width: int, height: int) -> Image.Image:
@@ -68,17 +70,19 @@ def make_shapes_dataset(out_dir: str | Path, n_images: int, *, shapes_per_image:
         width, height = rng.randint(*size_range), rng.randint(*size_range)
         image = _background(rng, width, height)
         draw = ImageDraw.Draw(image)
-        pairs = rng.sample([(c, s) for c in COLOURS for s in SHAPES], rng.randint(*shapes_per_image))
-        taken = []
+        colours = rng.sample(list(COLOURS), rng.randint(*shapes_per_image))
+        pairs = [(colour, rng.choice(SHAPES)) for colour in colours]
+        taken, objects = [], []
         for colour, shape in pairs:
             box = _place(rng, width, height, taken, *shape_frac)
-            if box is None:
-                continue
-            taken.append(box)
-            _draw_shape(draw, shape, box, COLOURS[colour])
-            records.append({"images": [f"images/{name}-{i:04d}.png"],
-                            "messages": prompts.messages(len(records)),
-                            "objects": [{"ref": f"the {colour} {shape}", "bbox": list(box)}]})
+            if box is not None:
+                taken.append(box)
+                _draw_shape(draw, shape, box, COLOURS[colour])
+                objects.append({"ref": f"the {colour} {shape}", "bbox": list(box)})
+        split = f"{len(objects)} shape" + "s" * (len(objects) > 1)  # eval reports Acc per split
+        for obj in objects:
+            records.append({"images": [f"images/{name}-{i:04d}.png"], "messages": prompts.messages(len(records)),
+                            "objects": [obj], "meta": {"split": split, "category": obj["ref"].split()[-1]}})
         image.save(out_dir / "images" / f"{name}-{i:04d}.png")
     path = out_dir / f"{name}.jsonl"
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))

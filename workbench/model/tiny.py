@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -32,12 +33,12 @@ RELEASE_TOKENIZER_CONFIG = {
 }
 
 
-def _write_vocab(out_dir: Path, vocab_file: str | os.PathLike | None) -> QWenTokenizer:
+def _write_vocab(out_dir: Path, vocab_file: str | os.PathLike | None, words: Sequence[str]) -> QWenTokenizer:
     tmp = out_dir / ".qwen.tiktoken.tmp"
     if vocab_file is not None:
         shutil.copyfile(vocab_file, tmp)
     else:
-        write_byte_vocab(tmp)
+        write_byte_vocab(tmp, words)
     tmp.replace(out_dir / "qwen.tiktoken")
     write_json(out_dir / "tokenizer_config.json", RELEASE_TOKENIZER_CONFIG)
     return QWenTokenizer.from_pretrained(out_dir)
@@ -75,17 +76,18 @@ def init_tiny_weights(model: torch.nn.Module, n_tokens: int, seed: int) -> None:
 
 
 def make_tiny_model_dir(out_dir: str | os.PathLike, *, vocab_file: str | os.PathLike | None = None,
-                        seed: int = 0, **config_overrides) -> Path:
+                        words: Sequence[str] = (), seed: int = 0, **config_overrides) -> Path:
     """Write config.json, generation_config.json, tokenizer files and model.safetensors; return the folder.
 
-    Without `vocab_file` the vocabulary is the 256 single bytes (eod id 256). vocab_size is the
-    token count rounded up to a multiple of 128, as in the release.
+    Without `vocab_file` the vocabulary is the 256 single bytes (eod id 256), plus one token per
+    entry of `words` (write_byte_vocab). vocab_size is the token count rounded up to a multiple
+    of 128, as in the release.
     """
     from workbench.model.modeling import QWenLMHeadModel
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok = _write_vocab(out_dir, vocab_file)
+    tok = _write_vocab(out_dir, vocab_file, words)
     visual = {**TINY_CONFIG["visual"], "image_start_id": tok.img_start_id,
               **config_overrides.pop("visual", {})}
     settings = {**TINY_CONFIG, "vocab_size": math.ceil(len(tok) / 128) * 128, **config_overrides, "visual": visual}

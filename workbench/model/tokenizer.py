@@ -76,9 +76,19 @@ def write_tiktoken_bpe(ranks: dict[bytes, int], path: str | Path) -> Path:
     return path
 
 
-def write_byte_vocab(path: str | Path) -> Path:
-    """Write a 256-rank byte-level vocab (byte b at rank b, no merges); any UTF-8 text round-trips."""
-    return write_tiktoken_bpe({bytes([b]): b for b in range(256)}, path)
+def write_byte_vocab(path: str | Path, words: Sequence[str] = ()) -> Path:
+    """Write a byte-level vocab: byte b at rank b, then one merge chain per word; any UTF-8 text round-trips.
+
+    A word's chain is its prefixes of 2, 3, ... bytes at increasing ranks, so BPE builds the
+    word left to right into one token (`" green"`: " g", " gr", ..., " green"), as long as it
+    is one piece of the pre-tokenizer (letters with at most one leading space).
+    """
+    ranks = {bytes([b]): b for b in range(256)}
+    for word in words:
+        data = word.encode("utf-8")
+        for end in range(2, len(data) + 1):
+            ranks.setdefault(data[:end], len(ranks))
+    return write_tiktoken_bpe(ranks, path)
 
 
 class QWenTokenizer:
