@@ -27,15 +27,15 @@ DEMO_CONFIG = Path(workbench.__file__).resolve().parents[1] / "configs" / "demo.
 BASE_SIZES = {"hidden_size": 128, "num_hidden_layers": 2,
               "visual": {"image_size": 224, "width": 64, "layers": 2, "heads": 4}}
 N_TRAIN, N_EVAL, SHAPES_PER_IMAGE = 600, 48, (1, 2)
-MAX_NEW_TOKENS = 64   # a byte-level answer `<ref>the yellow triangle</ref><box>(123,456),(789,999)</box>` is ~42 ids
+MAX_NEW_TOKENS = 64   # `<ref>the yellow triangle</ref><box>(123,456),(789,999)</box>` is 26 ids
 
 
 def make_demo_base_model(out_dir: Path, seed: int) -> Path:
     """The tiny random model of workbench.model.tiny with the hand-set vision side of tiny_vision.py.
 
     The LLM is random: it has never seen an image token or a box, which is what training teaches.
-    The byte-level vocabulary has one token per word of the shapes' phrases (synthetic.WORDS):
-    a 2-layer LLM finds "which colour" in one token far sooner than across 4-6 bytes.
+    The byte-level vocabulary has one token per word of the shapes' phrases (synthetic.WORDS), so
+    the colour is one token, not 3-6 bytes that a 2-layer LLM would first have to put together.
     """
     from workbench.api import load_model
     from workbench.data.synthetic import COLOURS, WORDS
