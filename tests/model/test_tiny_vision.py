@@ -13,29 +13,27 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from workbench.api import load_model
 from workbench.data.synthetic import COLOURS
 from workbench.demo import BASE_SIZES
 from workbench.errors import WorkbenchError
-from workbench.model.config import QWenConfig
 from workbench.model.image_processing import preprocess
-from workbench.model.modeling import QWenLMHeadModel
-from workbench.model.tiny import TINY_CONFIG
+from workbench.model.tiny import make_tiny_model_dir
 from workbench.model.tiny_vision import GATED, N_POS, PRESENCE, position_code, set_shape_vision
 
 PATCH = 14
 
 
-def _model(**visual) -> QWenLMHeadModel:
-    config = QWenConfig(**{**TINY_CONFIG, **BASE_SIZES, "vocab_size": 512,
-                           "visual": {**TINY_CONFIG["visual"], **BASE_SIZES["visual"], **visual}})
-    return QWenLMHeadModel(config)
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory):
+    model = load_model(make_tiny_model_dir(tmp_path_factory.mktemp("base"), **BASE_SIZES))
+    set_shape_vision(model, COLOURS)
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
-def visual():
-    model = _model()
-    set_shape_vision(model, COLOURS)
-    return model.transformer.visual.eval()
+def visual(model):
+    return model.transformer.visual
 
 
 def _image(shapes: dict[str, tuple[int, int, int, int]]) -> torch.Tensor:
@@ -112,8 +110,9 @@ def test_training_norms_and_queries_keeps_the_attention_local(visual) -> None:
     assert attn[0].diagonal().min() > 0.99  # query i still reads patch i
 
 
-def test_wrong_sizes_are_refused() -> None:
+def test_wrong_sizes_are_refused(model, tmp_path) -> None:
     with pytest.raises(WorkbenchError, match="width 64 with 2 blocks"):
-        set_shape_vision(_model(width=32), COLOURS)
+        set_shape_vision(load_model(make_tiny_model_dir(tmp_path / "narrow", **{**BASE_SIZES, "visual": {
+            **BASE_SIZES["visual"], "width": 32}})), COLOURS)
     with pytest.raises(WorkbenchError, match="no colour score for \\['purple'\\]"):
-        set_shape_vision(_model(), {"purple": (128, 0, 128)})
+        set_shape_vision(model, {"purple": (128, 0, 128)})

@@ -78,11 +78,11 @@ def make_shapes_dataset(out_dir: str | Path, n_images: int, *, shapes_per_image:
             if box is not None:
                 taken.append(box)
                 _draw_shape(draw, shape, box, COLOURS[colour])
-                objects.append({"ref": f"the {colour} {shape}", "bbox": list(box)})
+                objects.append((shape, {"ref": f"the {colour} {shape}", "bbox": list(box)}))
         split = f"{len(objects)} shape" + "s" * (len(objects) > 1)  # eval reports Acc per split
-        for obj in objects:
+        for shape, obj in objects:
             records.append({"images": [f"images/{name}-{i:04d}.png"], "messages": prompts.messages(len(records)),
-                            "objects": [obj], "meta": {"split": split, "category": obj["ref"].split()[-1]}})
+                            "objects": [obj], "meta": {"split": split, "category": shape}})
         image.save(out_dir / "images" / f"{name}-{i:04d}.png")
     path = out_dir / f"{name}.jsonl"
     write_text(path, "".join(json.dumps(r) + "\n" for r in records))
