@@ -63,13 +63,14 @@ def images_dir(tmp_path_factory) -> Path:
     return root
 
 
-def start_server(model_dir, adapters=None, *, start_engine=True, max_batch=8, max_queue=64, **settings):
+def start_server(model_dir, adapters=None, *, name="tiny", start_engine=True, max_batch=8, max_queue=64,
+                 **settings):
     from workbench.serve.app import Settings, create_app
     from workbench.serve.engine import Engine
     from workbench.serve.models import ServedModel
     from workbench.serve.server import BackgroundServer
 
-    served = ServedModel.load(str(model_dir), adapters, device="cpu", name="tiny")
+    served = ServedModel.load(str(model_dir), adapters, device="cpu", name=name)
     engine = Engine(served, max_batch=max_batch, max_queue=max_queue)
     return BackgroundServer(create_app(served, engine, Settings(**settings)), engine, start_engine=start_engine)
 
@@ -128,3 +129,20 @@ def make_box_writer(out_dir: Path) -> Path:
             model.lm_head.weight[successor, i] = 1.0
     save_model(model, out_dir, max_shard_size="10GB")
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def shapes_image(tmp_path_factory) -> Path:
+    """One image of the demo's synthetic shapes set."""
+    from workbench.data.synthetic import make_shapes_dataset
+
+    root = tmp_path_factory.mktemp("serve-shapes")
+    make_shapes_dataset(root, 1, shapes_per_image=(2, 2), seed=4, name="demo")
+    return root / "images" / "demo-0000.png"
+
+
+@pytest.fixture(scope="session")
+def box_server(tmp_path_factory):
+    """The box-writing demo model, served as `demo`."""
+    with start_server(make_box_writer(tmp_path_factory.mktemp("serve-box") / "demo"), name="demo") as server:
+        yield server

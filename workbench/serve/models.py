@@ -20,6 +20,7 @@ changes the base or another adapter.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -156,8 +157,10 @@ def _load_adapter(served, base, name: str, folder: Path, base_values: dict) -> t
     with torch.no_grad():
         for param_name in replaced:  # the base's own value, kept before PEFT overwrites it
             base_values.setdefault(param_name, _parameter(base, param_name).detach().clone())
-        if hasattr(served, "load_adapter"):
-            served.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        if isinstance(served, PeftModel):  # not transformers' own load_adapter, which the base also has
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Already found a `peft_config`")  # a second adapter: intended
+                served.load_adapter(str(folder), adapter_name=name, is_trainable=False)
         else:
             served = PeftModel.from_pretrained(base, str(folder), adapter_name=name, is_trainable=False)
         for param_name in replaced:
