@@ -70,6 +70,10 @@ def start_server(model_dir, adapters=None, *, name="tiny", start_engine=True, ma
     from workbench.serve.models import ServedModel
     from workbench.serve.server import BackgroundServer
 
+    from workbench.serve.images import ImageLimits
+
+    if "images" in settings:
+        settings["images"] = ImageLimits(**settings["images"])
     served = ServedModel.load(str(model_dir), adapters, device="cpu", name=name)
     engine = Engine(served, max_batch=max_batch, max_queue=max_queue)
     return BackgroundServer(create_app(served, engine, Settings(**settings)), engine, start_engine=start_engine)

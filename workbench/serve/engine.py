@@ -182,8 +182,8 @@ class Engine:
         return row.key == batch.key and len(row.ids) <= length and length + row.sampling.max_tokens <= self.seq_length
 
     def _forward(self, key: str, rows: list[Row], **inputs):
-        with self.served.activate(key, [r.adapter for r in rows]) as extra:
-            out = self.served.model(**inputs, **extra, use_cache=True)
+        extra = self.served.activate(key, [r.adapter for r in rows])
+        out = self.served.model(**inputs, **extra, use_cache=True)
         return out.logits[:, -1].float(), out.past_key_values
 
     def _prefill(self, rows: list[Row], batch: Batch | None) -> Batch:

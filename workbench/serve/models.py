@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +73,7 @@ class ServedModel:
             raise WorkbenchError(f"adapter name {name!r} is also the base model's name (rename one: --name)")
         self._base_values = base_values or {}
         self._applied: str | None = None   # whose replaced tensors are in the model now (None: the base's)
+        self._active: str | None = ""      # the active adapter, None (the base) or MIXED_KEY; "": as loaded
         self.vision_lora = any(a.vision for a in self.adapters.values())
         self.mode = "base" if not self.adapters else "grouped" if self.vision_lora else "mixed"
 
@@ -115,18 +114,35 @@ class ServedModel:
         info = self.adapters[adapter]
         return adapter if self.vision_lora or info.dora or info.replaced else MIXED_KEY
 
-    @contextmanager
-    def activate(self, key: str, adapters: list[str | None]) -> Iterator[dict]:
-        """Set the model up for one forward of a batch with this key; yields extra forward kwargs."""
+    def activate(self, key: str, adapters: list[str | None]) -> dict:
+        """Set the model up for one forward of a batch with this key; returns extra forward kwargs.
+
+        PEFT's switches walk every module, so the state is changed only when it differs; a batch
+        whose rows all use one adapter (or the base) runs the plain forward, not the mixed one.
+        """
         self._swap(key if key in self.adapters else None)
-        if key == MIXED_KEY:
-            yield {"adapter_names": [a or BASE_KEY for a in adapters]} if self.adapters else {}
-        elif key == BASE_KEY:
-            with self.model.disable_adapter() if self.adapters else nullcontext():
-                yield {}
+        if not self.adapters:
+            return {}
+        names = set(adapters)
+        if key == MIXED_KEY and len(names) > 1:
+            self._use(MIXED_KEY)
+            return {"adapter_names": [a or BASE_KEY for a in adapters]}
+        self._use(names.pop())
+        return {}
+
+    def _use(self, adapter: str | None) -> None:
+        """Activate one adapter, the base (adapter layers off), or MIXED_KEY (layers on, rows choose)."""
+        if adapter == self._active:
+            return
+        tuner = self.model.base_model
+        if adapter is None:
+            tuner.disable_adapter_layers()
         else:
-            self.model.set_adapter(key, inference_mode=True)
-            yield {}
+            if self._active is None or self._active == "":
+                tuner.enable_adapter_layers()
+            if adapter != MIXED_KEY:
+                self.model.set_adapter(adapter, inference_mode=True)
+        self._active = adapter
 
     @torch.no_grad()
     def _swap(self, adapter: str | None) -> None:
