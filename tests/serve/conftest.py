@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -17,11 +19,7 @@ import torch
 from PIL import Image
 
 from tests.merge.conftest import RECIPES, make_adapter
-
-# The coordinates written as one token, so the hand-set answer below is a chain of distinct tokens.
-BOX_WORD = "(120,250),(480,700)"
-BOX_ANSWER = f"<ref>the red circle</ref><box>{BOX_WORD}</box>"
-
+from workbench.data.boxes import format_box, normalize_box
 
 def data_url(image: Image.Image, fmt: str = "PNG", **save) -> str:
     buf = io.BytesIO()
@@ -104,11 +102,11 @@ def client_for():
     return make
 
 
-def make_box_writer(out_dir: Path) -> Path:
+def make_box_writer(out_dir: Path, ref: str, box_word: str) -> Path:
     """The demo's base model (224 px, hand-set vision side) whose LLM is set by hand to answer every
-    question with BOX_ANSWER: a bigram chain, `\\n` -> <ref> -> the -> red -> circle -> </ref> -> <box>
-    -> BOX_WORD -> </box> -> <|im_end|>, with the blocks' outputs zeroed so each next token depends
-    on the current one only."""
+    question with `<ref>{ref}</ref><box>{box_word}</box>`: a bigram chain `\\n` -> <ref> -> the ->
+    colour -> shape -> </ref> -> <box> -> box_word (one token) -> </box> -> <|im_end|>, with the
+    blocks' outputs zeroed so that each next token depends on the current one only."""
     from workbench.api import load_model, load_tokenizer
     from workbench.data.synthetic import COLOURS, WORDS
     from workbench.demo import BASE_SIZES
@@ -116,11 +114,11 @@ def make_box_writer(out_dir: Path) -> Path:
     from workbench.model.tiny import make_tiny_model_dir
     from workbench.model.tiny_vision import set_shape_vision
 
-    make_tiny_model_dir(out_dir, words=(*WORDS, BOX_WORD), **BASE_SIZES)
+    make_tiny_model_dir(out_dir, words=(*WORDS, box_word), **BASE_SIZES)
     model, tok = load_model(out_dir, dtype=torch.float32), load_tokenizer(out_dir)
     set_shape_vision(model, COLOURS)
-    chain = [tok.encode("\n")[0], tok.ref_start_id, *tok.encode("the red circle"), tok.ref_end_id, tok.box_start_id,
-             tok.mergeable_ranks[BOX_WORD.encode()], tok.box_end_id, tok.im_end_id]
+    chain = [tok.encode("\n")[0], tok.ref_start_id, *tok.encode(ref), tok.ref_end_id, tok.box_start_id,
+             tok.mergeable_ranks[box_word.encode()], tok.box_end_id, tok.im_end_id]
     assert len(set(chain)) == len(chain) == 10, chain  # each word one token, none repeated
     with torch.no_grad():
         for block in model.transformer.h:
@@ -135,18 +133,35 @@ def make_box_writer(out_dir: Path) -> Path:
     return out_dir
 
 
+@dataclass(frozen=True)
+class DemoSample:
+    """One image of the demo's synthetic shapes set, one of its shapes, and the answer that finds it."""
+
+    image: Path
+    ref: str
+    grid: tuple[int, int, int, int]
+
+    @property
+    def answer(self) -> str:
+        return f"<ref>{self.ref}</ref>{format_box(self.grid)}"
+
+
 @pytest.fixture(scope="session")
-def shapes_image(tmp_path_factory) -> Path:
-    """One image of the demo's synthetic shapes set."""
+def demo_sample(tmp_path_factory) -> DemoSample:
     from workbench.data.synthetic import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("serve-shapes")
-    make_shapes_dataset(root, 1, shapes_per_image=(2, 2), seed=4, name="demo")
-    return root / "images" / "demo-0000.png"
+    records = [json.loads(line) for line in
+               make_shapes_dataset(root, 1, shapes_per_image=(2, 2), seed=4, name="demo").read_text().splitlines()]
+    record = next((r for r in records if "red" in r["objects"][0]["ref"]), records[0])  # the box shows on red
+    image, obj = root / record["images"][0], record["objects"][0]
+    return DemoSample(image, obj["ref"], normalize_box(obj["bbox"], *Image.open(image).size))
 
 
 @pytest.fixture(scope="session")
-def box_server(tmp_path_factory):
-    """The box-writing demo model, served as `demo`."""
-    with start_server(make_box_writer(tmp_path_factory.mktemp("serve-box") / "demo"), name="demo") as server:
+def box_server(tmp_path_factory, demo_sample):
+    """The demo model that writes the box of `demo_sample`'s shape, served as `demo`."""
+    x1, y1, x2, y2 = demo_sample.grid
+    model = make_box_writer(tmp_path_factory.mktemp("serve-box") / "demo", demo_sample.ref, f"({x1},{y1}),({x2},{y2})")
+    with start_server(model, name="demo") as server:
         yield server

@@ -7,7 +7,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.serve.conftest import BOX_ANSWER, data_url, user
+from tests.serve.conftest import data_url, user
 from workbench.cli.main import main
 
 TEXT = "Tell me about the weather."
@@ -116,19 +116,20 @@ def test_stop_sequence_ends_the_answer(mixed_server, client_for):
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == cut.message.content
 
 
-def test_boxes_of_the_answer_in_pixels(box_server, client_for, shapes_image):
+def test_boxes_of_the_answer_in_pixels(box_server, client_for, demo_sample):
     client = client_for(box_server)
-    image = Image.open(shapes_image)
-    reply = ask(client, "demo", user(("image", data_url(image)), "Where is the red circle?"), max_tokens=32)
+    image = Image.open(demo_sample.image)
+    reply = ask(client, "demo", user(("image", data_url(image)), f"Where is {demo_sample.ref}?"), max_tokens=32)
     choice = reply.choices[0]
-    assert choice.message.content == BOX_ANSWER and choice.finish_reason == "stop"
-    w, h = image.size
-    assert choice.model_extra["boxes"] == [{"ref": "the red circle", "box": [120.0, 250.0, 480.0, 700.0],
-                                            "pixels": [round(v, 2) for v in (0.12 * w, 0.25 * h, 0.48 * w, 0.7 * h)]}]
+    assert choice.message.content == demo_sample.answer and choice.finish_reason == "stop"
+    (w, h), (x1, y1, x2, y2) = image.size, demo_sample.grid
+    assert choice.model_extra["boxes"] == [{"ref": demo_sample.ref, "box": [x1, y1, x2, y2],
+                                            "pixels": [round(v / 1000 * s, 2) for v, s in
+                                                       zip((x1, y1, x2, y2), (w, h, w, h))]}]
     chunks = [c for c in ask(client, "demo", user(("image", data_url(image)), "Where?"), stream=True) if c.choices]
-    with_boxes = [c.choices[0].model_extra.get("boxes") for c in chunks if c.choices[0].model_extra.get("boxes")]
-    assert with_boxes[0] == choice.model_extra["boxes"]  # sent as soon as </box> streamed, and again at the end
-    text = [c.choices[0].delta.content or "" for c in chunks]
-    assert "".join(text[:[i for i, c in enumerate(chunks) if c.choices[0].model_extra.get("boxes")][0] + 1]).endswith("</box>")
+    first = next(i for i, c in enumerate(chunks) if c.choices[0].model_extra.get("boxes"))
+    assert chunks[first].choices[0].model_extra["boxes"] == choice.model_extra["boxes"]
+    assert chunks[first].choices[0].delta.content.endswith("</box>")  # sent as soon as the box is complete
+    assert chunks[-1].choices[0].model_extra["boxes"] == choice.model_extra["boxes"]  # and with the last chunk
     no_image = ask(client, "demo", [{"role": "user", "content": "Where?"}])
     assert no_image.choices[0].model_extra["boxes"][0]["pixels"] is None
