@@ -21,6 +21,7 @@ from PIL import Image
 from tests.merge.conftest import RECIPES, make_adapter
 from workbench.data.boxes import format_box, normalize_box
 
+
 def data_url(image: Image.Image, fmt: str = "PNG", **save) -> str:
     buf = io.BytesIO()
     image.save(buf, fmt, **save)
@@ -65,10 +66,9 @@ def start_server(model_dir, adapters=None, *, name="tiny", start_engine=True, ma
                  **settings):
     from workbench.serve.app import Settings, create_app
     from workbench.serve.engine import Engine
+    from workbench.serve.images import ImageLimits
     from workbench.serve.models import ServedModel
     from workbench.serve.server import BackgroundServer
-
-    from workbench.serve.images import ImageLimits
 
     if "images" in settings:
         settings["images"] = ImageLimits(**settings["images"])
