@@ -52,4 +52,5 @@ def test_32_clients_get_the_answers_each_gets_alone(mixed_server, images_dir):
     # It was batched: more than one row per forward, rows of different adapters in one batch.
     assert engine.stats["max_rows"] > 1 and engine.stats["mixed_batches"] > before["mixed_batches"]
     assert engine.stats["batches"] - before["batches"] < CLIENTS * REQUESTS
+    assert engine.stats["joined"] > before["joined"]  # requests also joined batches already running
     assert engine.queued == 0 and engine.running == 0

@@ -36,10 +36,13 @@ class QueueFull(Exception):
     """The bounded queue has no room for the request (the server answers 503)."""
 
 
+GREEDY_BELOW = 1e-4  # a temperature this small is greedy (logits / temperature would overflow)
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_tokens: int
-    temperature: float = 0.0     # 0: greedy
+    temperature: float = 0.0     # 0 (or below GREEDY_BELOW): greedy
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -84,7 +87,7 @@ class Engine:
         """Queue the rows of one request, all or none; QueueFull when the queue has no room."""
         for row in rows:
             row.key = self.served.batch_key(row.adapter)
-            if row.sampling.temperature > 0:
+            if row.sampling.temperature >= GREEDY_BELOW:
                 row.generator = torch.Generator(self.device)
                 seed = row.sampling.seed if row.sampling.seed is not None else secrets.randbits(63)
                 row.generator.manual_seed(seed)
@@ -222,7 +225,7 @@ class Engine:
         logits[:, len(self.tokenizer):] = float("-inf")  # vocab_size pads the tokenizer's ids up
         picked = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
-            if row.sampling.temperature > 0:
+            if row.sampling.temperature >= GREEDY_BELOW:
                 picked[i] = sample(logits[i], row.sampling.temperature, row.sampling.top_p, row.generator)
         return picked
 
