@@ -34,6 +34,7 @@ def test_models_and_health(mixed_server, client_for):
     assert list(models) == ["tiny", "llm", "llm2"]
     assert models["llm"].model_extra["parent"] == "tiny" and models["tiny"].model_extra["parent"] is None
     health = httpx.get(mixed_server.url + "/health").json()
+    assert health.pop("stats") == mixed_server.engine.stats
     assert health == {"status": "ok", "model": "tiny", "adapters": ["llm", "llm2"], "batching": "mixed",
                       "queued": 0, "running": 0}
 

@@ -86,7 +86,7 @@ def create_app(served: ServedModel, engine: Engine, settings: Settings | None = 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "model": served.name, "adapters": list(served.adapters), "batching": served.mode,
-                "queued": engine.queued, "running": engine.running}
+                "queued": engine.queued, "running": engine.running, "stats": dict(engine.stats)}
 
     @app.get("/v1/models", response_model=ModelList)
     async def models(request: Request) -> ModelList:
