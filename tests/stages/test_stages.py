@@ -102,7 +102,7 @@ def test_train_all_is_the_whole_component_within_layers(tiny_model, tmp_path):
 def test_image_size_is_checked(tiny_model, tmp_path):
     from workbench.train.trainer import build_model
 
-    with pytest.raises(ConfigError, match=r"stage1\.yaml: image_size: expected a size in pixels"):
+    with pytest.raises(ConfigError, match=r"stage1\.yaml: image_size: expected an integer, got .big."):
         load_run_config(config_path("stage1"), ["image_size=big"])
     config = load_run_config(config_path("stage1"), [*tiny_overrides(tiny_model, tmp_path, tmp_path),
                                                       "image_size=100"])

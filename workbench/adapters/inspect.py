@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from workbench.adapters.apply import apply_recipe
-from workbench.adapters.quantize import DTYPES, quantized_bytes
+from workbench.adapters.quantize import quantized_bytes
 from workbench.adapters.recipe import COMPONENTS, Quantization, Recipe
 from workbench.adapters.targets import PEFT_PREFIX, component_of, quantize_names, resolve_targets
+from workbench.dtypes import TORCH_DTYPES
 
 MEMORY_FORMULA = ("weights: frozen numel x dtype bytes (4-bit: numel/2 + absmax per 64-block); "
                   "trainable: numel x 4 x param bytes (weight + grad + AdamW m, v); activations excluded")
@@ -46,7 +47,7 @@ def meta_model(model_dir: str | Path, dtype: str = "bfloat16") -> torch.nn.Modul
     from workbench.model.modeling import QWenLMHeadModel
 
     with torch.device("meta"):
-        return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(DTYPES[dtype])
+        return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(TORCH_DTYPES[dtype])
 
 
 def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16") -> dict:

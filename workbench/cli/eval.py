@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from workbench.dtypes import TORCH_DTYPES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a model (+ adapter)")
@@ -29,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=int, help="evaluate only the first N queries")
     g.add_argument("--images", type=int, default=16, help="PNGs drawn for the first N queries")
     g.add_argument("--out", default="eval_grounding", help="output folder (report.json, samples/*.png)")
-    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's")
+    g.add_argument("--dtype", choices=TORCH_DTYPES, help="default: the config's")
     g.add_argument("--device", help="default: cuda if available, else cpu")
     g.set_defaults(run=run_grounding)
 

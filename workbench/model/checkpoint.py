@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from workbench.atomic import write_json
+from workbench.dtypes import TORCH_DTYPES
 from workbench.errors import CheckpointError
 from workbench.model.config import QWenConfig, load_config, precision_dtype
 
@@ -108,9 +109,9 @@ def _shard(tensors: dict[str, torch.Tensor], keys: list[str], path: Path) -> dic
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise CheckpointError(f"unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
+    value = TORCH_DTYPES.get(str(dtype).removeprefix("torch."))
+    if value is None:
+        raise CheckpointError(f"unknown dtype {dtype!r} (use {', '.join(TORCH_DTYPES)})")
     return value
 
 
