@@ -60,9 +60,9 @@ def _evaluate(model, tokenizer, queries: list, out_dir: Path) -> dict:
 
 def _ask(model, tokenizer, query, out_png: Path) -> dict:
     """One grounding question the way `workbench chat --draw` asks it; the answer's boxes drawn."""
-    from workbench.data.render import load_task_template
     from workbench.eval.chat import ChatSession, draw_answer
     from workbench.eval.draw import save_png
+    from workbench.prompt import load_task_template
 
     question = load_task_template("grounding").user[0].replace("<image>", "").replace(
         "<ref-object>", f"<ref>{query.phrase}</ref>")

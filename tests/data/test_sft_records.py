@@ -7,8 +7,9 @@ import pytest
 from workbench.data.config import DataConfig
 from workbench.data.dataset import load_sft_data
 from workbench.data.records import load_conversations
-from workbench.data.render import load_task_template, load_template, render
+from workbench.data.render import render
 from workbench.errors import ConfigError, DataError
+from workbench.prompt import load_task_template, load_template
 
 CHATML = load_template("chatml")
 

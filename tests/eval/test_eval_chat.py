@@ -11,6 +11,7 @@ from PIL import Image
 from workbench.cli.main import main
 from workbench.eval.chat import AnswerStreamer, ChatSession, draw_answer
 from workbench.eval.draw import PALETTE
+from workbench.prompt import encode_query
 
 WHITE = (255, 255, 255)
 ANSWER = "<ref>cat</ref><box>(100,200),(500,800)</box> and <ref>dog</ref><box>(600,100),(900,500)</box>"
@@ -72,7 +73,7 @@ def test_multi_turn_history_keeps_the_image(tmp_path, tiny, monkeypatch):
     out = io.StringIO()
     first = session.ask("what is this?", AnswerStreamer(tok, out))
     second = session.ask("and now?")
-    assert [q for q, _ in session.history] == [f"Picture 1: <img>{tmp_path / 'red.png'}</img>\nwhat is this?",
+    assert [encode_query(tok, q)[0] for q, _ in session.history] == [f"Picture 1: <img>{tmp_path / 'red.png'}</img>\nwhat is this?",
                                               "and now?"]
     assert session.history[0][1] == first and session.history[1][1] == second
     # The second prompt re-encodes the first turn, image included, so the pixels go in again.

@@ -9,14 +9,14 @@ import torch
 
 from tests.conftest import TINY_REF as REF
 from workbench.errors import DataError
-from workbench.model.chat_format import (
+from workbench.model.tokenizer import ImageSpanError, QWenTokenizer
+from workbench.prompt import (
     decode_tokens,
     from_list_format,
     get_stop_words_ids,
     make_context,
     to_list_format,
 )
-from workbench.model.tokenizer import ImageSpanError, QWenTokenizer
 
 GOLDEN = json.loads((REF / "golden.json").read_text())
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from workbench.data.labels import IGNORE
+from workbench.model.modeling import IGNORE_INDEX
 
 
 class SFTCollator:
@@ -22,7 +22,7 @@ class SFTCollator:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
             "input_ids": _pad(items, "input_ids", width, self.pad_token_id),
-            "labels": _pad(items, "labels", width, IGNORE),
+            "labels": _pad(items, "labels", width, IGNORE_INDEX),
             "attention_mask": torch.stack([_right_pad(torch.ones(len(it["input_ids"]), dtype=torch.long), width, 0)
                                            for it in items]),
         }

@@ -21,8 +21,8 @@ from workbench.data.boxes import denormalize_box
 from workbench.errors import CheckpointError
 from workbench.eval.draw import draw_boxes, save_png
 from workbench.eval.parse import parse_boxes
-from workbench.model.chat_format import decode_tokens, from_list_format, get_stop_words_ids, make_context
 from workbench.model.image_processing import load_image, preprocess
+from workbench.prompt import Query, decode_tokens, get_stop_words_ids, make_context
 
 
 def load_for_inference(model: str, adapter: str | None = None, dtype: str | None = None,
@@ -74,13 +74,15 @@ class ChatSession:
         self.model, self.tokenizer = model, tokenizer
         self.image_path = image
         self.image = load_image(image) if image is not None else None
-        self.history: list[tuple[str, str]] = []
+        self.history: list[tuple[Query, str]] = []
         self.max_new_tokens, self.do_sample = max_new_tokens, do_sample
 
     def ask(self, question: str, streamer: BaseStreamer | None = None) -> str:
-        query = question
-        if self.image_path is not None and not self.history:  # the picture goes with the first question
-            query = from_list_format([{"image": self.image_path}, {"text": question}])
+        # The typed question is text only; the picture goes with the first question as a span
+        # whose pixels are passed in, so nothing typed can make the model open a file.
+        query: list[dict[str, str]] = [{"text": question}]
+        if self.image_path is not None and not self.history:
+            query.insert(0, {"image": self.image_path})
         raw_text, ids = make_context(self.tokenizer, query, self.history)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)

@@ -26,14 +26,13 @@ from workbench.atomic import write_json
 from workbench.data.boxes import GRID, Box, denormalize_box
 from workbench.data.convert.refcoco import read_official_jsonl
 from workbench.data.records import iter_rows
-from workbench.data.render import load_task_template
 from workbench.errors import DataError
 from workbench.eval.chat import unwrap
 from workbench.eval.draw import draw_boxes, save_png
 from workbench.eval.metrics import Scored, score, summarize
 from workbench.eval.parse import parse_boxes, parse_official, pick_box
-from workbench.model.chat_format import from_list_format, get_stop_words_ids, make_context
 from workbench.model.image_processing import load_image, preprocess
+from workbench.prompt import from_list_format, get_stop_words_ids, load_task_template, make_context
 
 OFFICIAL_PROMPT = "<img>{image}</img><ref>{sent}</ref><box>"
 GT_COLOR, PRED_COLOR = (0, 200, 0), (230, 0, 0)

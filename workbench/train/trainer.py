@@ -24,12 +24,11 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from workbench.atomic import write_json
 from workbench.errors import ConfigError
+from workbench.model.modeling import IGNORE_INDEX
 from workbench.train import record
 from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, read_metrics
 from workbench.train.config import RunConfig
 from workbench.train.plots import plot_loss_curve
-
-IGNORE_INDEX = -100
 
 
 class WorkbenchTrainer(Trainer):

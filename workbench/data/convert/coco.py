@@ -23,8 +23,8 @@ from workbench.data.convert import (
     read_json,
     write_jsonl,
 )
-from workbench.data.render import load_task_template
 from workbench.errors import DataError
+from workbench.prompt import load_task_template
 
 TASKS = ("grounding", "detection", "caption-grounding")
 

@@ -24,8 +24,8 @@ from workbench.data.convert import (
     read_json,
     write_jsonl,
 )
-from workbench.data.render import load_task_template
 from workbench.errors import DataError
+from workbench.prompt import load_task_template
 
 
 def convert_refcoco(refs: str | Path, images: str | Path, out: str | Path, instances: str | Path | None = None,
