@@ -35,14 +35,14 @@ IMAGE_SIZE = {"stage1": 224, "stage2": 448, "stage3": 448}
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workbench.model.tiny import make_tiny_model_dir
+    from workbench.demo.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workbench.data.synthetic import make_shapes_dataset
+    from workbench.demo.synthetic import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 3, size_range=(56, 80))
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workbench.demo.tiny import TINY_CONFIG
 from workbench.model.config import QWenConfig
 from workbench.model.image_processing import preprocess
-from workbench.model.tiny import TINY_CONFIG
 
 IMAGE_WH = (640, 480)
 IMAGE_SPAN = 258  # <img> + 256 slots + </img>

@@ -15,7 +15,7 @@ class DataConfig:
     eval_fraction: float = option(0.0, ge=0, lt=1)  # held out of `train` when `eval` is empty
     image_root: str | None = None        # image paths are relative to this, else to the data file
     allow_outside_root: bool = False
-    format: Literal["auto", "official", "structured"] = "auto"
+    format: Literal["auto", "official", "structured", "refcoco_eval"] = "auto"
     template: str = "chatml"             # name in data_templates/ or a path to a YAML file
     system: str | None = None            # None: the record's system turn, else the template's default
     label_mode: Literal["assistant", "official"] = "assistant"

@@ -7,12 +7,12 @@ find a box by its colour.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from workbench.atomic import atomic_path
 from workbench.data.boxes import Box
 
 # Tableau 10 (what the official drawer samples from), as RGB.
@@ -43,8 +43,6 @@ def draw_boxes(image: Image.Image, boxes: Sequence[tuple[str | None, Box]],
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write `image` as PNG via a temporary file, so a reader never sees half a picture."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

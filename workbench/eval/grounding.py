@@ -24,8 +24,8 @@ from PIL import Image
 
 from workbench.atomic import write_json
 from workbench.data.boxes import GRID, Box, denormalize_box
-from workbench.data.convert.refcoco import read_official_jsonl
-from workbench.data.records import iter_rows
+from workbench.data.config import DataConfig
+from workbench.data.records import grounding_targets, load_conversations
 from workbench.errors import DataError
 from workbench.eval.chat import unwrap
 from workbench.eval.draw import draw_boxes, save_png
@@ -50,61 +50,24 @@ class Query:
     category: str | None = None
 
 
-def load_queries(path: str | Path, image_root: str | Path | None = None) -> list[Query]:
-    """Queries of a structured data file or an official RefCOCO eval JSONL.
+def load_queries(path: str | Path, image_root: str | Path | None = None,
+                 allow_outside_root: bool = False) -> list[Query]:
+    """Queries of a data file in any of the formats training reads (data/records.py), or the
+    official RefCOCO eval JSONL: every `<ref>` an assistant turn follows with its boxes.
 
-    Relative image paths are resolved against `image_root`, else the data file's folder
-    (as training data is), else the cwd (as the official script does).
+    Image paths follow the training rule: relative to `image_root`, else the data file's folder,
+    and kept inside it unless `allow_outside_root`.
     """
-    path = Path(path)
-    roots = [Path(image_root)] if image_root else [path.parent, Path.cwd()]
-    first = next(iter_rows(path), (0, {}))[1]
-    if isinstance(first, dict) and "sent" in first:
-        return [Query(r["image"], _find(r["image"], roots, str(path), i), r["sent"], [tuple(r["bbox"])])
-                for i, r in enumerate(read_official_jsonl(path))]
-    queries = []
-    for i, row in iter_rows(path):
-        if isinstance(row, DataError):
-            raise row
-        queries += _structured_queries(row, roots, str(path), i)
+    cfg = DataConfig(train=(str(path),), image_root=None if image_root is None else str(image_root),
+                     allow_outside_root=allow_outside_root)
+    loaded = load_conversations([str(path)], cfg)
+    if loaded.problems:
+        raise loaded.problems[0]
+    queries = [Query(image.path, image.file, ref, boxes, conv.meta.get("split"), conv.meta.get("category"))
+               for conv in loaded.conversations for image, ref, boxes in grounding_targets(conv)]
     if not queries:
         raise DataError("no grounding queries (objects with a ref and a bbox)", file=str(path))
     return queries
-
-
-def _structured_queries(row: dict, roots: list[Path], file: str, index: int) -> list[Query]:
-    images = row.get("images") or []
-    if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
-        raise DataError("expected a non-empty list of image paths", file=file, record=index, field="images")
-    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-    out = []
-    for k, obj in enumerate(row.get("objects") or []):
-        where = f"objects[{k}]"
-        if not isinstance(obj, dict) or not isinstance(obj.get("ref"), str) or not isinstance(obj.get("bbox"), list):
-            raise DataError("expected {ref, bbox}", file=file, record=index, field=where)
-        k_image = obj.get("image", 0)
-        if isinstance(k_image, bool) or not isinstance(k_image, int) or not 0 <= k_image < len(images):
-            raise DataError(f"{k_image!r} is not an index into images", file=file, record=index, field=f"{where}.image")
-        image = images[k_image]
-        boxes = obj["bbox"] if obj["bbox"] and isinstance(obj["bbox"][0], list) else [obj["bbox"]]
-        if not all(len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in boxes):
-            raise DataError(f"expected [x1, y1, x2, y2] boxes, got {obj['bbox']!r}", file=file, record=index,
-                            field=f"{where}.bbox")
-        found = _find(image, roots, file, index)
-        if row.get("bbox_format") == "norm1000":
-            with Image.open(found) as im:
-                boxes = [denormalize_box(b, *im.size) for b in boxes]
-        out.append(Query(image, found, obj["ref"], [tuple(b) for b in boxes],
-                         meta.get("split"), meta.get("category")))
-    return out
-
-
-def _find(image: str, roots: list[Path], file: str, index: int) -> Path:
-    for root in roots:
-        if (root / image).is_file():
-            return root / image
-    raise DataError(f"image {image} not found under {', '.join(map(str, roots))}", file=file, record=index,
-                    field="image")
 
 
 def prompt_ids(tokenizer, image: str, phrase: str, prompt: str = "official") -> list[int]:

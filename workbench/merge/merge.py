@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.atomic import write_json
 from workbench.dtypes import FLAG_DTYPES, dtype_flag
 from workbench.errors import CheckpointError, WorkbenchError
 from workbench.merge.adapter import Adapter, LoraDelta, read_adapter
@@ -144,5 +145,5 @@ def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
     if any(config.get(flag) for flag in FLAG_DTYPES):
         for flag in FLAG_DTYPES:
             config[flag] = flag == dtype_flag(dtype)
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    write_json(config_path, config)
 

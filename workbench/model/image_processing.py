@@ -37,6 +37,20 @@ def load_image(path: str | Path, root: str | Path | None = None) -> Image.Image:
         raise WorkbenchError(f"cannot read image {full}: {e}") from None
 
 
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the header; `verify()` walks the file's chunks without decoding pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+        return size
+    except Exception as err:  # PIL raises many types for a broken file
+        raise WorkbenchError(f"cannot read image {path}: {err}") from None
+
+
 def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:
     """PIL bicubic resize to image_size x image_size, ToTensor, CLIP normalisation -> [3,S,S] float32."""
     image = image.convert("RGB").resize((image_size, image_size), Image.Resampling.BICUBIC)

@@ -19,6 +19,7 @@ import tiktoken
 import torch
 from transformers import BatchEncoding
 
+from workbench.atomic import write_bytes, write_json
 from workbench.errors import CheckpointError, DataError
 
 VOCAB_FILE = "qwen.tiktoken"
@@ -72,7 +73,7 @@ def write_tiktoken_bpe(ranks: dict[bytes, int], path: str | Path) -> Path:
     path = Path(path)
     lines = (base64.b64encode(token) + b" " + str(rank).encode() for token, rank in
              sorted(ranks.items(), key=lambda item: item[1]))
-    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    write_bytes(path, b"".join(line + b"\n" for line in lines))
     return path
 
 
@@ -155,7 +156,7 @@ class QWenTokenizer:
         config = {"tokenizer_class": "QWenTokenizer", **self._config,
                   "model_max_length": self.model_max_length, "padding_side": self.padding_side}
         config_path = out_dir / CONFIG_FILE
-        config_path.write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n")
+        write_json(config_path, config, indent=1)
         return write_tiktoken_bpe(self.mergeable_ranks, out_dir / VOCAB_FILE), config_path
 
     # ---- sizes ----------------------------------------------------------------------------------

@@ -15,33 +15,13 @@ import yaml
 import workbench
 from workbench.atomic import write_text
 from workbench.errors import WorkbenchError
-from workbench.model.checkpoint import sha256_file
+from workbench.run_folder import METRICS_NAME, PLOT_NAME, RECORD_NAME, checkpoints, data_fingerprint
 
 if TYPE_CHECKING:
     from workbench.train.config import RunConfig
 
-RECORD_NAME = "workbench_run.json"
-RESOLVED_CONFIG_NAME = "config.resolved.yaml"
-METRICS_NAME = "metrics.jsonl"
-PLOT_NAME = "loss_curve.png"
-CHECKPOINT_PREFIX = "checkpoint-"
-
-
 def write_yaml(path: Path, data: Any) -> None:
     write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
-
-
-def data_fingerprint(files: list[Path]) -> dict[str, str]:
-    """sha256 of each data file, keyed by the path as configured."""
-    return {str(path): sha256_file(Path(path)) for path in files}
-
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-N folders in step order (trainer_state.json is written last, so a folder
-    without it is a save that was cut short)."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
 def prepare_output_dir(output_dir: Path, *, resume: bool) -> Path | None:

@@ -22,6 +22,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from workbench import run_folder
 from workbench.atomic import write_json
 from workbench.errors import ConfigError
 from workbench.model.modeling import IGNORE_INDEX
@@ -229,15 +230,15 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     if state.is_main_process:
         record.check_disk_space(out, trainable, _kept_checkpoints(config, data))
         run_record = record.start_run_record(out, config, trainable, data.files, resume_from)
-        record.write_yaml(out / record.RESOLVED_CONFIG_NAME, config.to_dict())
-        write_json(out / record.RECORD_NAME, run_record)
+        record.write_yaml(out / run_folder.RESOLVED_CONFIG_NAME, config.to_dict())
+        write_json(out / run_folder.RECORD_NAME, run_record)
 
     guard = RunGuard()
     trainer = WorkbenchTrainer(
         model=model, args=training_arguments(config, has_eval=data.eval is not None),
         data_collator=data.collator, train_dataset=data.train, eval_dataset=data.eval,
         run_config=config, guard=guard,
-        callbacks=[ProgressBar(), MetricsLogger(out / record.METRICS_NAME), guard, *(callbacks or [])],
+        callbacks=[ProgressBar(), MetricsLogger(out / run_folder.METRICS_NAME), guard, *(callbacks or [])],
     )
     for default in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default)
@@ -257,11 +258,11 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     result = RunResult(output_dir=out, status=status, global_step=trainer.state.global_step,
                        model=trainer.model, bad_step=guard.bad_step)
     if state.is_main_process:
-        metrics = read_metrics(out / record.METRICS_NAME)
-        plot_loss_curve(metrics, out / record.PLOT_NAME, title=f"{Path(config.source).name}: {status}")
+        metrics = read_metrics(out / run_folder.METRICS_NAME)
+        plot_loss_curve(metrics, out / run_folder.PLOT_NAME, title=f"{Path(config.source).name}: {status}")
         record.finish_run_record(run_record, status=status, global_step=result.global_step,
                                  seconds=time.time() - started, metrics=metrics, output_dir=out,
                                  bad_step=guard.bad_step)
-        write_json(out / record.RECORD_NAME, run_record)
+        write_json(out / run_folder.RECORD_NAME, run_record)
         print(record.summary(run_record, out))
     return result

@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.data.boxes import clip_box
 from workbench.data.convert import (
-    clip_box,
     grounded_sample,
     image_ref,
     image_size,
