@@ -50,10 +50,11 @@ def test_streamer_waits_for_complete_characters(tiny):
     out = io.StringIO()
     streamer = AnswerStreamer(tok, out)
     streamer.put(torch.tensor([[1, 2, 3]]))       # the prompt: not printed
-    for ids, shown in [([tok.ref_start_id], "<ref>"), ([195], "<ref>"), ([169], "<ref>é"),
-                       ([tok.ref_end_id], "<ref>é</ref>"), ([tok.im_end_id], "<ref>é</ref>")]:
+    # TextStreamer shows text at word boundaries; whatever it has shown is a prefix of the answer,
+    # so half of "é" (byte 195 alone) is never printed as a broken character.
+    for ids in ([tok.ref_start_id], [195], [169], [tok.ref_end_id], [tok.im_end_id]):
         streamer.put(torch.tensor(ids))
-        assert out.getvalue() == shown
+        assert "<ref>é</ref>".startswith(out.getvalue())
     streamer.end()
     assert out.getvalue() == "<ref>é</ref>\n"
 

@@ -15,6 +15,7 @@ from typing import TextIO
 
 import torch
 from PIL import Image
+from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from workbench.data.boxes import denormalize_box
@@ -41,29 +42,18 @@ def load_for_inference(model: str, adapter: str | None = None, dtype: str | None
     return base, load_tokenizer(model)
 
 
-class AnswerStreamer(BaseStreamer):
-    """Writes the answer to `out` as `generate` produces it (the first `put` is the prompt)."""
+class AnswerStreamer(TextStreamer):
+    """transformers' TextStreamer writing to `out`: the answer as `generate` produces it, prompt skipped,
+    special tokens dropped except the ref/box tags, a half-finished UTF-8 character held back."""
 
     def __init__(self, tokenizer, out: TextIO | None = None):
-        self.tokenizer, self.out = tokenizer, out or sys.stdout  # looked up now: sys.stdout may be replaced
-        self.ids: list[int] | None = None
-        self.text = ""
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, errors="ignore",
+                         keep_image_special=True)
+        self.out = out or sys.stdout  # looked up now: sys.stdout may be replaced
 
-    def put(self, value: torch.Tensor) -> None:
-        if self.ids is None:  # the prompt
-            self.ids, self.text = [], ""
-            return
-        self.ids += value.flatten().tolist()
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, errors="ignore", keep_image_special=True)
-        if text.startswith(self.text):  # a half-finished multi-byte character decodes to nothing yet
-            self.out.write(text[len(self.text):])
-            self.out.flush()
-            self.text = text
-
-    def end(self) -> None:
-        self.out.write("\n")
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
         self.out.flush()
-        self.ids = None
 
 
 class ChatSession:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers.utils.hub import convert_file_size_to_int
 
 from workbench.atomic import write_json
 from workbench.dtypes import TORCH_DTYPES
@@ -160,14 +160,11 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
 
 
 def parse_size(size: int | str) -> int:
-    """2GB / 500MB / 1GiB / 1000 -> bytes (GB = 10**9 as in transformers)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"cannot read shard size {size!r} (e.g. 2GB, 500MB)")
-    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    return int(float(match[1]) * units.get((match[2] or "").lower(), 1))
+    """2GB / 500MB / 1GiB / 1000 -> bytes, as transformers reads max_shard_size (GB = 10**9)."""
+    try:
+        return convert_file_size_to_int(size.strip().upper() if isinstance(size, str) else size)
+    except (ValueError, TypeError):
+        raise ValueError(f"cannot read shard size {size!r} (e.g. 2GB, 500MB)") from None
 
 
 class ShardWriter:

@@ -27,7 +27,7 @@ from workbench.atomic import write_json
 from workbench.errors import ConfigError
 from workbench.model.modeling import IGNORE_INDEX
 from workbench.train import record
-from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, read_metrics
+from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard
 from workbench.train.config import RunConfig
 from workbench.train.plots import plot_loss_curve
 
@@ -258,7 +258,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     result = RunResult(output_dir=out, status=status, global_step=trainer.state.global_step,
                        model=trainer.model, bad_step=guard.bad_step)
     if state.is_main_process:
-        metrics = read_metrics(out / run_folder.METRICS_NAME)
+        metrics = trainer.state.log_history  # every log event, restored from the checkpoint on resume
         plot_loss_curve(metrics, out / run_folder.PLOT_NAME, title=f"{Path(config.source).name}: {status}")
         record.finish_run_record(run_record, status=status, global_step=result.global_step,
                                  seconds=time.time() - started, metrics=metrics, output_dir=out,
