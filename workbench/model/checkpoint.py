@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,20 +35,84 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = (SAFE_INDEX, BIN_INDEX)
 
 
+# The small files (config.json, generation_config.json) of the releases, shipped with the package so
+# that `inspect` works offline; hub folder names as huggingface_hub caches them (Qwen--Qwen-VL-Chat).
+RELEASES_DIR = Path(__file__).resolve().parent / "releases"
+HUB_HOST = ("huggingface.co", 443)
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def resolve_model_dir(path_or_repo: str | os.PathLike) -> Path:
-    """A local folder as is; anything else is taken as a hub repo id and downloaded (cached)."""
+    """A local folder as is; a hub repo id from the local cache, else downloaded.
+
+    Fails within seconds, with one line saying what to do, when the name is neither a folder nor a
+    repo id, when the hub is unreachable, or offline (HF_HUB_OFFLINE=1) with nothing cached.
+    """
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path}: is a file; a model folder (config.json + weights) is expected")
-    try:
-        from huggingface_hub import snapshot_download
+    repo = str(path_or_repo)
+    cached = _cached_snapshot(repo)
+    if cached is not None:
+        return cached
+    _check_hub(repo)
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path_or_repo)))
-    except Exception as e:  # offline, unknown repo, bad id: all mean "no such model" to the user
-        raise CheckpointError(f"{path_or_repo}: no such local folder, and downloading it as a hub repo "
-                              f"failed ({type(e).__name__}: {e})") from None
+    try:
+        return Path(snapshot_download(repo))
+    except Exception as e:  # unknown repo, gated, network lost mid-way: all mean "no such model" here
+        raise CheckpointError(f"{repo}: downloading it from the hub failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def resolve_config_dir(path_or_repo: str | os.PathLike) -> tuple[Path, str | None]:
+    """A folder with the model's config.json, and a note when it is the package's copy of a release.
+
+    Needs no weights: a local folder, a cached hub snapshot, the shipped release configs, or a
+    download of the repo's small JSON files.
+    """
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path, None
+    repo = str(path_or_repo)
+    cached = _cached_snapshot(repo)
+    if cached is not None:
+        return cached, None
+    shipped = RELEASES_DIR / repo.replace("/", "--")
+    if (shipped / "config.json").is_file():
+        return shipped, f"using the config.json of {repo} shipped with the workbench (no weights are read)"
+    return resolve_model_dir(repo), None
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    if not _REPO_ID.fullmatch(repo):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # not cached (or a partial cache): not an error yet
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _check_hub(repo: str) -> None:
+    """Refuse at once what cannot be downloaded, instead of minutes of hub retries."""
+    if not _REPO_ID.fullmatch(repo) or repo.startswith((".", "~")):
+        raise CheckpointError(f"{repo}: no such model folder (and not a hub repo id like Qwen/Qwen-VL-Chat)")
+    from huggingface_hub import constants
+
+    fix = (f"download it where there is network (huggingface-cli download {repo} --local-dir DIR) "
+           "and point model: at DIR")
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"{repo}: not in the local hub cache and HF_HUB_OFFLINE is set; {fix}")
+    try:
+        socket.create_connection(HUB_HOST, timeout=3).close()
+    except OSError as err:
+        raise CheckpointError(f"{repo}: not in the local hub cache and the hub ({HUB_HOST[0]}) is unreachable "
+                              f"({err.strerror or err}); {fix}") from None
 
 
 def _read_index(path: Path) -> dict[str, Path]:
