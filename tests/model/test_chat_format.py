@@ -50,7 +50,7 @@ def test_make_context_history(tok):
 
 
 def test_make_context_window_is_strict(tok):
-    # Hand count: system = 16 ids, the newest turn 48 ids (spec §6.1), so a budget of exactly
+    # Hand count: system = 16 ids, the newest turn 48 ids (docs/qwen-vl.md §6.1), so a budget of exactly
     # 64 drops it (16 + 48 < 64 is false) and 65 keeps it.
     history = [tuple(turn) for turn in GOLDEN["make_context_history"]["history"]]
     _, alone = make_context(tok, "Thank you.")

@@ -4,7 +4,7 @@ Every test runs the shipped configs on the tiny model with only the model, the d
 numerics and the run length overridden (`--set`, as a user would), so the recipes, `image_size`
 and the optimiser settings are the shipped ones. The tiny model's own size is 56 px, but its ViT
 is 32 wide, so the stages' real 224 px (16x16 grid: the position table as it is) and 448 px
-(32x32: the table resized, spec §4.3) are cheap and are what is tested.
+(32x32: the table resized, docs/qwen-vl.md §4.3) are cheap and are what is tested.
 """
 
 from __future__ import annotations

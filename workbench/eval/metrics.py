@@ -53,7 +53,7 @@ def score(pred_grid: Box | None, gt: Sequence[Box], width: int, height: int, *, 
           image: str | None = None) -> Scored:
     """Score a grid-coordinate prediction against pixel ground truth (best IoU over `gt` boxes).
 
-    `divisor=999` reproduces the official RefCOCO numbers (spec §9); 1000 matches training data.
+    `divisor=999` reproduces the official RefCOCO numbers (docs/qwen-vl.md §9); 1000 matches training data.
     """
     pred = None if pred_grid is None else denormalize_box(pred_grid, width, height, divisor=divisor)
     best = max((iou(pred, g) for g in gt), default=0.0) if pred is not None else 0.0

@@ -138,7 +138,7 @@ def _publish(tmp: Path, out: Path) -> None:
 def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
     """Record the new dtype: `torch_dtype`, and move a forced bf16/fp16/fp32 flag with it.
 
-    All three flags false means "pick by hardware" (spec §5.9); that choice is left alone.
+    All three flags false means "pick by hardware" (docs/qwen-vl.md §5.9); that choice is left alone.
     """
     config = json.loads(config_path.read_text())
     config["torch_dtype"] = str(dtype).removeprefix("torch.")

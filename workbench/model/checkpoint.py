@@ -1,6 +1,6 @@
 """Model folders: resolve, read weights shard by shard, write sharded copies, fingerprint.
 
-Three weight layouts are read (spec §8.4), first match wins: `model.safetensors`,
+Three weight layouts are read (docs/qwen-vl.md §8.4), first match wins: `model.safetensors`,
 `model.safetensors.index.json` + shards, `pytorch_model.bin.index.json` + `.bin` shards
 (torch-saved plain dicts; also a lone `pytorch_model.bin`). `load_model` builds the model on
 the meta device and assigns each shard's tensors as it is read, so the 9.6B release never
@@ -197,7 +197,7 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
                device: str | torch.device = "cpu"):
     """QWenLMHeadModel from a model folder (or hub id), strict, in eval mode.
 
-    `dtype` wins over the config's bf16/fp16/fp32 flags; None lets them decide (§5.9).
+    `dtype` wins over the config's bf16/fp16/fp32 flags; None lets them decide (docs/qwen-vl.md §5.9).
     """
     from transformers import GenerationConfig
 

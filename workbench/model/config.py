@@ -116,7 +116,7 @@ def load_config(model_dir: str | Path) -> QWenConfig:
 
 
 def precision_dtype(config: QWenConfig, config_file: str | Path = "config.json") -> torch.dtype:
-    """§5.9: one of bf16/fp16/fp32 decides; none set -> bf16 on capable CUDA, else fp16 (cc >= 7), else fp32."""
+    """docs/qwen-vl.md §5.9: one of bf16/fp16/fp32 decides; none set -> bf16 on capable CUDA, else fp16 (cc >= 7), else fp32."""
     flags = [name for name in FLAG_DTYPES if getattr(config, name)]
     if len(flags) > 1:
         raise CheckpointError(f"{config_file}: at most one of bf16/fp16/fp32 may be true, got {flags}")

@@ -1,4 +1,4 @@
-"""Image loading and preprocessing exactly as the release's `visual.image_transform` (spec §3).
+"""Image loading and preprocessing exactly as the release's `visual.image_transform` (docs/qwen-vl.md §3).
 
 PIL does the resize: bit-exact pixels need PIL's antialiased bicubic, which tensor resizes do
 not reproduce. The image is squashed to a square and EXIF orientation is ignored, as in the

@@ -1,4 +1,4 @@
-"""QWenTokenizer: the release's tiktoken BPE, special tokens and 258-id image spans (spec §2).
+"""QWenTokenizer: the release's tiktoken BPE, special tokens and 258-id image spans (docs/qwen-vl.md §2).
 
 A plain class on top of `tiktoken.Encoding` (not a transformers PreTrainedTokenizer, whose
 internals transformers 5 reworked). Every id is derived from `qwen.tiktoken`: the special
@@ -193,7 +193,7 @@ class QWenTokenizer:
         special = [self._id_to_special[i] for i in inner if i in self._id_to_special]
         if special:
             raise ImageSpanError(f"special token {special[0]} inside {IMG_START}..{IMG_END}")
-        # Byte b becomes id b (the token at rank b), not the id of the token spelling b (§2.4).
+        # Byte b becomes id b (the token at rank b), not the id of the token spelling b (docs/qwen-vl.md §2.4).
         path = self.encoding.decode_bytes(inner)
         if len(path) > IMG_TOKEN_SPAN:
             raise ImageSpanError(
@@ -228,10 +228,10 @@ class QWenTokenizer:
 
     def decode(self, ids: int | Iterable[int] | torch.Tensor, skip_special_tokens: bool = False,
                errors: str | None = None, keep_image_special: bool = False) -> str:
-        """Ids -> text; image spans come back as `<img>path</img>` (spec §2.4).
+        """Ids -> text; image spans come back as `<img>path</img>` (docs/qwen-vl.md §2.4).
 
         Unlike the original, malformed spans and ids past the vocabulary never raise with
-        errors="replace" (the workbench rule in §2.4): generation can stop anywhere.
+        errors="replace" (the workbench rule in docs/qwen-vl.md §2.4): generation can stop anywhere.
         """
         errors = errors or self.errors
         if isinstance(ids, torch.Tensor):

@@ -133,7 +133,7 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         remove_unused_columns=False,  # the collator's batch goes to the model as it is
         use_cpu=_cpu_only(),
         # every trainable parameter is used in every step (text-only batches run the ViT on a
-        # dummy image, spec §5.7), so DDP need not search the graph for unused ones
+        # dummy image, docs/qwen-vl.md §5.7), so DDP need not search the graph for unused ones
         ddp_find_unused_parameters=False,
         report_to="none",  # TensorBoard is added with a fixed folder below
         disable_tqdm=True,  # ProgressBar replaces the default bar
@@ -175,7 +175,7 @@ def set_image_size(model: torch.nn.Module, size: int, where: str) -> None:
 
     The data pipeline preprocesses images at `config.visual["image_size"]`, and the ViT resizes
     its 16x16 position table (and the resampler its key table) to the new patch grid in every
-    forward (`get_abs_pos`, spec §4.3): 224 px is a 16x16 grid, used as it is. No weight changes
+    forward (`get_abs_pos`, docs/qwen-vl.md §4.3): 224 px is a 16x16 grid, used as it is. No weight changes
     shape, so an adapter trained at any size loads onto the base; only this run's model is changed.
     """
     patch = model.config.visual["patch_size"]
