@@ -66,7 +66,15 @@ def read_yaml(path: str | Path, what: str = "YAML file") -> Any:
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read the {what}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(err)}") from None
+
+
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: what PyYAML found wrong and where."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
 
 
 # ---- declarations --------------------------------------------------------------------------------

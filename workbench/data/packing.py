@@ -4,7 +4,7 @@
 keeps attention inside a segment and restarts RoPE positions at 0 in each, so a packed sample
 sees exactly what it would see alone. The one thing that would leak is the loss's shift: the
 first label of a segment would be predicted from the previous sample's last token, so it is set
-to -100 (alone, position 0 is never predicted either).
+to IGNORE_INDEX (alone, position 0 is never predicted either).
 """
 
 from __future__ import annotations

@@ -19,7 +19,7 @@ from workbench.adapters.recipe import Recipe, load_recipe
 from workbench.data.config import DataConfig
 from workbench.dtypes import PRECISION_FLAGS, Dtype
 from workbench.errors import ConfigError
-from workbench.schema import Invalid, build, locator, option, parse_yaml, read_yaml, to_plain
+from workbench.schema import Invalid, build, locator, option, parse_yaml, read_yaml, to_plain, yaml_problem
 
 Schedule = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
@@ -124,7 +124,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
         try:
             value = parse_yaml(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: the value {text!r} is not valid YAML ({err})") from None
+            raise ConfigError(f"--set {key}: the value {text!r} is not valid YAML ({yaml_problem(err)})") from None
         node = raw
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):
