@@ -96,9 +96,9 @@ def unwrap(model):
 
 
 def draw_answer(answer: str, image: Image.Image, out: str | Path) -> Path | None:
-    """Draw the answer's boxes (with their refs) on `image` and save a PNG; None if it has no box."""
-    parsed = parse_boxes(answer)
+    """Draw the answer's usable boxes (with their refs) on `image` and save a PNG; None if it has none."""
+    parsed = [p for p in parse_boxes(answer) if p.problem is None]
     if not parsed:
         return None
-    boxes = [(ref, denormalize_box(box, *image.size)) for ref, box in parsed]
+    boxes = [(p.ref, denormalize_box(p.box, *image.size)) for p in parsed]
     return save_png(draw_boxes(image, boxes), out)

@@ -21,9 +21,10 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def draw_boxes(image: Image.Image, boxes: Sequence[tuple[str | None, Box]],
-               colors: Sequence[tuple[int, int, int]] | None = None, width: int | None = None) -> Image.Image:
+               colors: Sequence[tuple[int, int, int]] | None = None, width: int | None = None,
+               caption: str | None = None) -> Image.Image:
     """A copy of `image` with each (label, pixel box) outlined; one palette colour per label
-    unless `colors` gives one per box."""
+    unless `colors` gives one per box. `caption` is written in the top-left corner (e.g. "no box")."""
     out = image.convert("RGB")
     pen = ImageDraw.Draw(out)
     width = width or max(1, round(min(out.size) / 200))
@@ -37,6 +38,9 @@ def draw_boxes(image: Image.Image, boxes: Sequence[tuple[str | None, Box]],
             left, top, right, bottom = pen.textbbox((x1, y1), label, font=font)
             pen.rectangle((left, top, right, bottom), fill=color)
             pen.text((x1, y1), label, fill=(255, 255, 255), font=font)
+    if caption:
+        pen.rectangle(pen.textbbox((0, 0), caption, font=font), fill=(0, 0, 0))
+        pen.text((0, 0), caption, fill=(255, 255, 255), font=font)
     return out
 
 

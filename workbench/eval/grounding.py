@@ -15,6 +15,7 @@ Prompts:
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,15 +27,17 @@ from workbench.atomic import write_json
 from workbench.data.boxes import GRID, Box, denormalize_box
 from workbench.data.config import DataConfig
 from workbench.data.records import grounding_targets, load_conversations
-from workbench.errors import DataError
+from workbench.errors import DataError, WorkbenchError
 from workbench.eval.chat import unwrap
 from workbench.eval.draw import draw_boxes, save_png
 from workbench.eval.metrics import Scored, score, summarize
-from workbench.eval.parse import parse_boxes, parse_official, pick_box
+from workbench.eval.parse import failure, parse_boxes, parse_official, pick_box
 from workbench.model.image_processing import load_image, preprocess
 from workbench.prompt import from_list_format, get_stop_words_ids, load_task_template, make_context
 
 OFFICIAL_PROMPT = "<img>{image}</img><ref>{sent}</ref><box>"
+OFFICIAL_MAX_NEW_TOKENS = 28  # eval_mm/evaluate_grounding.py
+CHAT_MAX_NEW_TOKENS = 128
 GT_COLOR, PRED_COLOR = (0, 200, 0), (230, 0, 0)
 
 
@@ -106,15 +109,37 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], images: Seq
     return answers
 
 
+def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """An evaluation folder that holds no earlier report: refused unless `overwrite`, then cleared,
+    so no PNG of an older run is left beside the new report."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise WorkbenchError(f"--out {out}: already holds files (an earlier report?); pass --overwrite "
+                                 "to replace them or choose another folder")
+        shutil.rmtree(out)
+    return out
+
+
+def default_max_new_tokens(prompt: str) -> int:
+    """The official protocol's 28 tokens fit one box; a chat answer repeats the ref and may hold several."""
+    return OFFICIAL_MAX_NEW_TOKENS if prompt == "official" else CHAT_MAX_NEW_TOKENS
+
+
 def evaluate_grounding(model, tokenizer, queries: Sequence[Query], *, prompt: str = "official",
-                       batch_size: int = 8, max_new_tokens: int = 28, parser: str = "robust",
-                       divisor: int = GRID, out_dir: str | Path | None = None, n_images: int = 16) -> dict:
+                       batch_size: int = 8, max_new_tokens: int | None = None, parser: str = "robust",
+                       divisor: int = GRID, out_dir: str | Path | None = None, n_images: int = 16,
+                       about: dict | None = None) -> dict:
     """Generate, parse, score. Returns the report (metrics + per-sample results) and, with
     `out_dir`, writes `report.json` and `samples/NNNN.png` (true box green, predicted red) for
     the first `n_images` queries. `parser="official"` and `divisor=999` reproduce published numbers.
+    `about` (model, adapter, data and its sha256) is recorded in the report as it is.
     """
     if parser not in ("robust", "official"):
         raise DataError(f"unknown parser {parser!r} (robust or official)", field="parser")
+    max_new_tokens = max_new_tokens or default_max_new_tokens(prompt)
     results: list[Scored] = []
     official = prompt == "official"
     for start in range(0, len(queries), batch_size):
@@ -124,13 +149,19 @@ def evaluate_grounding(model, tokenizer, queries: Sequence[Query], *, prompt: st
                                    images, max_new_tokens=max_new_tokens, min_new_tokens=10 if official else 0,
                                    stop_words=not official)
         for q, image, answer in zip(batch, images, answers):
-            grid = parse_official(answer) if parser == "official" else pick_box(parse_boxes(answer), q.phrase)
+            if parser == "official":
+                grid, why = parse_official(answer), "no box"
+            else:
+                parsed = parse_boxes(answer)
+                grid, why = pick_box(parsed, q.phrase), failure(parsed)
             r = score(grid, q.gt, *image.size, ref=q.phrase, answer=answer, divisor=divisor, split=q.split,
-                      category=q.category, image=q.image)
+                      category=q.category, image=q.image, failure=why)
             if out_dir is not None and len(results) < n_images:
                 _draw_result(image, r, Path(out_dir) / "samples" / f"{len(results):04d}.png")
             results.append(r)
-    report = {"settings": {"prompt": prompt, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+    report = {"about": about or {},
+              "settings": {"prompt": prompt, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                           "min_new_tokens": 10 if official else 0, "greedy": True,
                            "parser": parser, "divisor": divisor},
               "metrics": summarize(results), "samples": [r.to_json() for r in results]}
     if out_dir is not None:
@@ -141,7 +172,8 @@ def evaluate_grounding(model, tokenizer, queries: Sequence[Query], *, prompt: st
 def _draw_result(image: Image.Image, r: Scored, path: Path) -> None:
     boxes = [(f"true: {r.ref}", g) for g in r.gt] + ([(f"pred IoU {r.iou:.2f}", r.pred)] if r.pred else [])
     colors = [GT_COLOR] * len(r.gt) + [PRED_COLOR] * (r.pred is not None)
-    save_png(draw_boxes(image, boxes, colors), path)
+    caption = None if r.pred is not None else f"no box ({r.failure})" if r.failure != "no box" else "no box"
+    save_png(draw_boxes(image, boxes, colors, caption=caption), path)
 
 
 def ground(model, tokenizer, image: str | Path | Image.Image, phrase: str, *, prompt: str = "chat",
@@ -154,6 +186,6 @@ def ground(model, tokenizer, image: str | Path | Image.Image, phrase: str, *, pr
     name = "image" if isinstance(image, Image.Image) else Path(image).name  # text only: pixels go in as pixel_values
     [answer] = generate_answers(model, tokenizer, [prompt_ids(tokenizer, name, phrase, prompt)], [picture],
                                 max_new_tokens=max_new_tokens, stop_words=prompt != "official")
-    parsed = parse_boxes(answer)
+    parsed = [p for p in parse_boxes(answer) if p.problem is None]
     mine = [p for p in parsed if p.ref is not None and p.ref.lower() == phrase.strip().lower()]
     return [denormalize_box(p.box, *picture.size) for p in (mine or parsed)]

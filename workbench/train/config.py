@@ -28,6 +28,24 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged
                     "paged_adamw_32bit", "adafactor", "sgd"]
 
 
+Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
+
+
+@dataclass(frozen=True)
+class GroundingEval:
+    """`train.eval_grounding`: Acc@0.5 on held-out grounding data while training (the same code as
+    `workbench eval grounding`), logged to every tracker and metrics.jsonl."""
+
+    data: tuple[str, ...] = ()          # held-out files (any data format); empty: the data section's `eval`
+    image_root: str | None = None       # default: the data section's image_root
+    every: int | None = option(None, gt=0)  # steps between evaluations; None: train.eval_steps or save_steps
+    batch_size: int = option(8, gt=0)
+    max_samples: int | None = option(64, gt=0)  # the first N queries; None: all
+    prompt: str = "chat"                # official | chat | a ChatML prompt with <ref-object>
+    max_new_tokens: int | None = option(None, gt=0)  # None: suited to the prompt kind
+    images: int = option(4, ge=0)       # PNGs drawn per evaluation (first N queries)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The `train:` section. Defaults are the official LoRA settings (docs/qwen-vl.md, finetune.py)."""
@@ -60,11 +78,33 @@ class TrainConfig:
     save_steps: int = option(500, gt=0)
     save_total_limit: int | None = option(3, gt=0)
     eval_steps: int | None = option(None, gt=0)  # None: save_steps (only when data has an eval split)
-    tensorboard: bool = True
+    report_to: tuple[Tracker, ...] = ("tensorboard",)  # transformers' integrations; none: only metrics.jsonl
+    eval_grounding: GroundingEval | None = None
+    # Keep the best checkpoint by an evaluation metric (e.g. grounding_acc@0.5, loss) and make it the
+    # final adapter; early stopping ends the run after `early_stopping_patience` evaluations without gain.
+    metric_for_best: str | None = None
+    greater_is_better: bool | None = None  # None: true for accuracies and IoU, false for losses
+    early_stopping_patience: int | None = option(None, gt=0)
+    # Allow --resume with keys that reshape the schedule (max_steps, epochs, lr, schedule, warmup, batch).
+    allow_schedule_change_on_resume: bool = False
 
     def check(self) -> None:
         if self.max_steps == 0:
             raise Invalid("max_steps", "must be > 0 (or -1 to use train.epochs), got 0")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise Invalid("report_to", "'none' cannot be combined with a tracker")
+        if self.early_stopping_patience is not None and self.metric_for_best is None:
+            raise Invalid("early_stopping_patience", "needs train.metric_for_best (the metric that must improve)")
+        if self.metric_for_best is not None:
+            every = self.evaluation_steps()
+            if self.save_steps % every:
+                raise Invalid("save_steps", f"must be a multiple of the evaluation interval ({every} steps) "
+                                            "so that the best evaluation has a checkpoint")
+
+    def evaluation_steps(self) -> int:
+        """Steps between evaluations (loss and grounding)."""
+        grounding = self.eval_grounding.every if self.eval_grounding else None
+        return grounding or self.eval_steps or self.save_steps
 
 
 @dataclass(frozen=True)

@@ -119,7 +119,8 @@ def labelled_samples(images: list[LabelledImage], task: str, image_root: Path) -
         path = image_ref(image.path, image_root)
         if task == "grounding":
             for name, boxes in image.boxes.items():
-                yield grounded_sample(path, template.messages(n), [(name, boxes)])
+                # the category is the ref here; meta.category gives evaluation its per-category rows
+                yield grounded_sample(path, template.messages(n), [(name, boxes)], {"category": name})
                 n += 1
         elif image.boxes:  # an image without objects has nothing to detect or ground
             pairs = ["<ref-object><bbox>"] * len(image.boxes)
