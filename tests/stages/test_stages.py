@@ -57,7 +57,7 @@ def tiny_overrides(model: Path, data: Path, out: Path) -> list[str]:
             # stage 3 ships finetune.py's chat format; the shapes set is in the structured one
             "data.train": data, "data.format": "structured", "data.label_mode": "assistant",
             "data.num_workers": 0, "train.max_steps": 2, "train.batch_size": 2,
-            "train.gradient_accumulation_steps": 1, "train.logging_steps": 1, "train.tensorboard": False}
+            "train.gradient_accumulation_steps": 1, "train.logging_steps": 1, "train.report_to": "none"}
     return [f"{key}={value}" for key, value in sets.items()]
 
 
@@ -113,11 +113,12 @@ def test_image_size_is_checked(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_image_size_reaches_the_data_and_the_vit(stage, tiny_model, shapes, tmp_path):
-    from workbench.train.trainer import build_data, build_model
+    from workbench.train.trainer import build_data, build_model, preflight
 
     config = load_run_config(config_path(stage), tiny_overrides(tiny_model, shapes, tmp_path))
     model = build_model(config, torch.device("cpu"))
-    data = build_data(config, model)
+    checked = preflight(config, resume=False)
+    data = build_data(config, checked.tokenizer, checked.image_size)
     pixels = data.collator([data.train[0]])["pixel_values"]
     size = IMAGE_SIZE[stage]
     assert pixels.shape == (1, 3, size, size)

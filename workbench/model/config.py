@@ -85,7 +85,7 @@ class QWenConfig(PreTrainedConfig):
         out["model_type"] = self.model_type
         dtype = self.dtype
         out["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
-        return json.loads(json.dumps(out))  # deep copy, JSON types only
+        return json.loads(json.dumps(out, default=str))  # deep copy, JSON types only (a Path as text)
 
     @property
     def head_dim(self) -> int:

@@ -126,8 +126,13 @@ class QWenTokenizer:
     # ---- files ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **overrides) -> QWenTokenizer:
-        """Load `qwen.tiktoken` (+ `tokenizer_config.json` if present) from a model folder."""
+    def from_pretrained(cls, model_dir: str | Path, *args, **overrides) -> QWenTokenizer:
+        """Load `qwen.tiktoken` (+ `tokenizer_config.json` if present) from a model folder.
+
+        Keyword arguments other than model_max_length / padding_side / errors are the loader options
+        transformers' AutoTokenizer passes along (`_from_auto`, `trust_remote_code`, ...): ignored.
+        """
+        overrides = {k: v for k, v in overrides.items() if k in ("model_max_length", "padding_side", "errors")}
         model_dir = Path(model_dir)
         vocab = model_dir / VOCAB_FILE
         if not vocab.is_file():
