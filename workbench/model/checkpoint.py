@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers.utils.hub import convert_file_size_to_int
 
-from workbench.atomic import write_json
+from workbench.atomic import follow_umask, write_json
 from workbench.dtypes import TORCH_DTYPES
 from workbench.errors import CheckpointError
 from workbench.model.config import QWenConfig, load_config, precision_dtype
@@ -207,6 +207,9 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
     config = load_config(model_dir)
     dtype = _as_dtype(dtype) or precision_dtype(config, model_dir / "config.json")
     config.dtype = dtype
+    # The name as given (a path or a hub id): PEFT records it as the adapter's base_model_name_or_path,
+    # which AutoPeftModelForCausalLM loads the base from.
+    config._name_or_path = str(path_or_repo)
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
@@ -266,6 +269,7 @@ class ShardWriter:
         tmp = self.out_dir / f".tmp-shard-{len(self._shards) + 1:05d}.{ext}"
         if self.layout == "safetensors":
             save_file(self._current, tmp, metadata={"format": "pt"})
+            follow_umask(tmp)
         else:
             torch.save(self._current, tmp)
         self._shards.append((tmp, list(self._current)))
