@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from workbench.errors import WorkbenchError
 from workbench.train.callbacks import read_metrics
 from workbench.train.config import load_run_config
 from workbench.train.trainer import train
@@ -105,6 +106,9 @@ def test_interrupt_saves_a_checkpoint_and_resume_matches_the_straight_run(tmp_pa
     assert not (stopped.output_dir / "adapter_model.safetensors").exists()  # not finished: no final adapter
     assert json.loads((stopped.output_dir / "workbench_run.json").read_text())["status"] == "interrupted"
 
+    # A key that reshapes the schedule is refused on resume, before anything is loaded or written.
+    with pytest.raises(WorkbenchError, match=r"train.max_steps: 8 -> 12.*allow_schedule_change_on_resume"):
+        train(load_run_config(path, ["train.max_steps=12"]), resume=True)
     resumed = train(load_run_config(path), resume=True)
     assert resumed.status == "completed" and resumed.global_step == 8
     run = json.loads((resumed.output_dir / "workbench_run.json").read_text())
@@ -162,7 +166,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
 
 def test_cli_trains_the_shipped_tiny_config(tmp_path, tiny_ref_dir, monkeypatch, capsys):
     from workbench.cli.main import main
-    from workbench.data.synthetic import make_shapes_dataset
+    from workbench.demo.synthetic import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "shapes", 12, size_range=(56, 80))
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository
