@@ -37,7 +37,7 @@ def user(*parts) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    from workbench.model.tiny import make_tiny_model_dir
+    from workbench.demo.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("serve-tiny") / "tiny")
 
@@ -108,11 +108,11 @@ def make_box_writer(out_dir: Path, ref: str, box_word: str) -> Path:
     colour -> shape -> </ref> -> <box> -> box_word (one token) -> </box> -> <|im_end|>, with the
     blocks' outputs zeroed so that each next token depends on the current one only."""
     from workbench.api import load_model, load_tokenizer
-    from workbench.data.synthetic import COLOURS, WORDS
-    from workbench.demo import BASE_SIZES
+    from workbench.demo.runner import BASE_SIZES
+    from workbench.demo.synthetic import COLOURS, WORDS
+    from workbench.demo.tiny import make_tiny_model_dir
+    from workbench.demo.tiny_vision import set_shape_vision
     from workbench.model.checkpoint import save_model
-    from workbench.model.tiny import make_tiny_model_dir
-    from workbench.model.tiny_vision import set_shape_vision
 
     make_tiny_model_dir(out_dir, words=(*WORDS, box_word), **BASE_SIZES)
     model, tok = load_model(out_dir, dtype=torch.float32), load_tokenizer(out_dir)
@@ -148,7 +148,7 @@ class DemoSample:
 
 @pytest.fixture(scope="session")
 def demo_sample(tmp_path_factory) -> DemoSample:
-    from workbench.data.synthetic import make_shapes_dataset
+    from workbench.demo.synthetic import make_shapes_dataset
 
     root = tmp_path_factory.mktemp("serve-shapes")
     records = [json.loads(line) for line in

@@ -53,7 +53,9 @@ def test_playground_draws_the_answers_box(browser, box_server, demo_sample, tmp_
 
     answer = page.text_content("#answer")
     assert answer == demo_sample.answer and page.text_content("#status") == "done (stop)"
-    [(ref, grid)] = parse_boxes(answer)
+    [parsed] = parse_boxes(answer)
+    ref, grid = parsed.ref, parsed.box
+    assert parsed.problem is None
     width, height = Image.open(demo_sample.image).size
     x1, y1, x2, y2 = denormalize_box(grid, width, height)
     # The overlay's rectangle, in the image's own pixels, is the answer's box.

@@ -31,7 +31,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model-len", type=int, help="prompt + answer tokens (default: the tokenizer's model_max_length)")
     p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     p.add_argument("--max-image-bytes", type=int, help="encoded size of one image (default 20 MiB)")
-    p.add_argument("--max-image-pixels", type=int, help="width x height of one image (default 40 million)")
+    p.add_argument("--max-image-pixels", type=int, help="width x height of one image (default 8192 x 8192)")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from workbench.data.boxes import denormalize_box
 from workbench.errors import nearest
 from workbench.eval.parse import parse_boxes
-from workbench.model.chat_format import DEFAULT_MAX_WINDOW_SIZE
 from workbench.model.image_processing import preprocess
+from workbench.prompt.chatml import DEFAULT_MAX_WINDOW_SIZE
 from workbench.serve.engine import Engine, QueueFull, Row, Sampling
 from workbench.serve.images import ImageError, ImageLimits, load_image_url
 from workbench.serve.messages import PromptError, conversation_from_messages, encode_prompt
@@ -181,10 +181,10 @@ def _prepare(chat: ChatRequest, adapter: str | None, served: ServedModel, settin
 
 
 def boxes_of(text: str, image_size: tuple[int, int] | None) -> list[dict]:
-    """The answer's boxes: ref, grid corners, and pixels on the image (grid / 1000, as chat draws them)."""
+    """The answer's usable boxes: ref, grid corners, and pixels on the image (grid / 1000, as chat draws them)."""
     return [{"ref": p.ref, "box": list(p.box),
              "pixels": [round(v, 2) for v in denormalize_box(p.box, *image_size)] if image_size else None}
-            for p in parse_boxes(text)]
+            for p in parse_boxes(text) if p.problem is None]  # no cut, inverted or off-grid boxes
 
 
 async def _respond(request: Request, chat: ChatRequest, prepared: Prepared, engine: Engine):

@@ -2,14 +2,14 @@
 
 Sources: `data:` URLs with base64 (always); `file:` URLs or bare paths only when the server has an
 image root, and only inside it (symlinks resolved); http(s) only when the server allows remote
-images. Bytes are bounded before decoding and pixels before decompressing (PIL reads the size from
-the header), so a decompression bomb is refused without being expanded. Only raster formats that
-Pillow decodes itself are opened (no EPS: Pillow would run Ghostscript on it).
+images. Bytes are bounded before decoding and pixels before decompressing (read from the header),
+so a decompression bomb is refused without being expanded. Only raster formats that Pillow decodes
+itself are opened (no EPS: Pillow would run Ghostscript on it).
 
-Conversion to RGB is what a person sees (a browser showing the image): EXIF orientation applied,
-transparency composited on white, 16-bit samples scaled (not clipped) to 8 bits, CMYK through
-Pillow's JPEG-aware conversion, palettes expanded. Plain 8-bit RGB is untouched, so its pixels are
-exactly what `workbench chat --image` feeds the model.
+Decoding and the conversion to RGB are the workbench's one loader (model/image_processing.py), so
+the server feeds the model the pixels that training, eval and `workbench chat` feed it: EXIF
+rotation applied, 16-bit grey scaled rather than clipped, CMYK through Pillow, alpha and palettes
+as the release converts them.
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ import binascii
 import io
 import urllib.parse
 import urllib.request
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from workbench.errors import WorkbenchError
+from workbench.model.image_processing import MAX_PIXELS
+from workbench.model.image_processing import decode_image as load_bytes
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")  # JPEG includes MPO (phone photos)
-WHITE = (255, 255, 255)
 
 
 class ImageError(WorkbenchError, ValueError):
@@ -39,7 +38,7 @@ class ImageError(WorkbenchError, ValueError):
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 2**20           # encoded size of one image
-    max_pixels: int = 40_000_000          # width x height of one image
+    max_pixels: int = MAX_PIXELS          # width x height of one image (8192 x 8192)
     root: Path | None = None              # where file paths may point; None: no file paths
     allow_remote: bool = False            # fetch http(s) URLs (the server can then reach what it can reach)
     remote_timeout_s: float = 10.0
@@ -107,40 +106,16 @@ def _fetch(url: str, limits: ImageLimits) -> bytes:
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Bytes -> RGB image; the pixel count is checked on the header, before decompression."""
+    """Bytes -> the model's RGB image, by the workbench's one loader (model/image_processing.py:
+    pixels checked on the header, EXIF rotation, 16-bit scaled), after the format is checked."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=FORMATS) as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise ImageError(f"image is {width}x{height} = {width * height} pixels; the limit is "
-                                     f"{max_pixels} (--max-image-pixels)")
-                image.load()
-                return to_rgb(ImageOps.exif_transpose(image))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"image refused as a decompression bomb: {err}") from None
+        with Image.open(io.BytesIO(data), formats=FORMATS):
+            pass  # the header only: which decoder would run
     except UnidentifiedImageError:
         raise ImageError(f"not an image in a supported format ({', '.join(FORMATS)})") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or corrupt data
+    except Exception as err:  # PIL raises many types for a broken header
         raise ImageError(f"cannot decode the image: {err}") from None
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB as a viewer shows the image: 16-bit scaled, alpha composited on white."""
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        # 16-bit samples (PNG/TIFF open as I;16 or I): scale to 8 bits; convert("L") would clip at 255.
-        transparency = image.info.get("transparency")
-        values = np.asarray(image, dtype=np.int64).clip(0, 65535)
-        image = Image.fromarray(((values + 128) // 257).astype(np.uint8), "L")
-        if isinstance(transparency, int):  # a 16-bit grey colour key
-            image.info["transparency"] = (transparency + 128) // 257
-    elif image.mode == "F":
-        image = Image.fromarray(np.asarray(image).clip(0, 255).round().astype(np.uint8), "L")
-    if image.mode == "RGB" and "transparency" not in image.info:
-        return image
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (*WHITE, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
+    try:
+        return load_bytes(data, "the image", max_pixels)
+    except WorkbenchError as err:
+        raise ImageError(str(err)) from None
