@@ -44,10 +44,11 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def adapter_dirs(tmp_path_factory, tiny_dir) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("serve-adapters")
-    return {"llm": make_adapter(tiny_dir, root / "llm", RECIPES["llm"], seed=1),
-            "llm2": make_adapter(tiny_dir, root / "llm2", RECIPES["llm"], seed=2),
-            "all": make_adapter(tiny_dir, root / "all", RECIPES["all"], seed=3)}
+    root, made = tmp_path_factory.mktemp("serve-adapters"), {}
+    for name, recipe, seed in [("llm", "llm", 1), ("llm2", "llm", 2), ("all", "all", 3)]:
+        torch.manual_seed(seed)  # PEFT draws lora_A from the global generator: the same adapters every run
+        made[name] = make_adapter(tiny_dir, root / name, RECIPES[recipe], seed=seed)
+    return made
 
 
 @pytest.fixture(scope="session")

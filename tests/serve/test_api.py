@@ -65,7 +65,7 @@ def test_streamed_answer_is_the_same_answer(mixed_server, client_for, images_dir
     chunks = list(ask(client, "llm", messages, max_tokens=20, stream=True, stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == whole.choices[0].message.content and len([c for c in chunks if c.choices]) > 3
+    assert text and text == whole.choices[0].message.content
     last = [c for c in chunks if c.choices][-1].choices[0]
     assert last.finish_reason == whole.choices[0].finish_reason and last.model_extra["boxes"] == []
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
