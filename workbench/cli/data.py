@@ -44,7 +44,8 @@ def _config(args: argparse.Namespace) -> tuple[Any, str | None]:
             raise ConfigError(f"{args.config}: expected a mapping of run settings")
         section = dict(doc.get("data") or {})
         model = model or doc.get("model")
-    section.update(train=[args.file], eval=[], eval_fraction=0.0)
+    # `data check` decodes every image: a truncated file passes a header check
+    section.update(train=[args.file], eval=[], eval_fraction=0.0, check_images="decode")
     return DataConfig.from_dict(section, source=args.config or "<command line>"), model
 
 

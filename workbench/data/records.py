@@ -405,15 +405,15 @@ def _image(path: str, ctx: _Context, where: str) -> Image:
         raise ctx.error(f"image path {path} leads outside the image root {ctx.root} "
                         "(set data.allow_outside_root: true if that is intended)", where)
     if file not in ctx.headers:
-        ctx.headers[file] = _read_header(file)
+        ctx.headers[file] = _read_header(file, ctx.cfg)
     size = ctx.headers[file]
     if isinstance(size, DataError):
         raise ctx.error(f"{size} ({path})", where)
     return Image(path, file, size)
 
 
-def _read_header(file: Path) -> tuple[int, int] | DataError:
+def _read_header(file: Path, cfg: DataConfig) -> tuple[int, int] | DataError:
     try:
-        return read_image_size(file)
+        return read_image_size(file, decode=cfg.check_images == "decode", max_pixels=cfg.max_image_pixels)
     except WorkbenchError as err:
         return DataError(str(err))
