@@ -63,6 +63,8 @@ def describe(err: BaseException) -> tuple[str, bool]:
         if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             return f"{where}{err.strerror} (check the folder's permissions)", True
         return f"{where}{err.strerror or first_line(err)}", True
+    if "No space left on device" in str(err) or "os error 28" in str(err):  # safetensors' own I/O errors
+        return "no space left on the device; free some space or write somewhere else", True
     if isinstance(err, pickle.UnpicklingError):
         return (f"refused to unpickle a file that holds Python objects, not only tensors ({first_line(err)}); "
                 "convert it to safetensors where it came from"), True

@@ -9,6 +9,7 @@ exists twice in memory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -291,7 +292,12 @@ class ShardWriter:
         ext = "safetensors" if self.layout == "safetensors" else "bin"
         tmp = self.out_dir / f".tmp-shard-{len(self._shards) + 1:05d}.{ext}"
         if self.layout == "safetensors":
-            save_file(self._current, tmp, metadata={"format": "pt"})
+            try:
+                save_file(self._current, tmp, metadata={"format": "pt"})
+            except Exception as err:  # safetensors reports a full disk as its own error type
+                if "os error 28" in str(err) or "No space left" in str(err):
+                    raise OSError(errno.ENOSPC, "No space left on device", str(self.out_dir)) from None
+                raise
             follow_umask(tmp)
         else:
             torch.save(self._current, tmp)
