@@ -174,6 +174,7 @@ def test_disk_full_during_checkpoint_save(small_disk, run_config, monkeypatch, c
                         train(config, resume, [FillTheDisk(), *(callbacks or [])]))
     config = run_config(folder=small_disk / "cfg", max_steps=4, save_steps=2)
     assert main(["train", str(config)]) == 2
-    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    errors = [line[line.index("error:"):] for line in capsys.readouterr().err.replace("\r", "\n").splitlines()
+              if "error:" in line]
     assert len(errors) == 1 and "no space left on the device" in errors[0], errors
     assert not list((small_disk / "cfg" / "run").glob("checkpoint-*")), "the cut-short checkpoint is gone"
