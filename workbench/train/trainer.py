@@ -24,7 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from workbench.atomic import write_json
 from workbench.errors import ConfigError
-from workbench.train import record
+from workbench.train import distributed, record
 from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, read_metrics
 from workbench.train.config import RunConfig
 from workbench.train.plots import plot_loss_curve
@@ -44,6 +44,14 @@ class WorkbenchTrainer(Trainer):
         # the loss and the gradients do not depend on how the batch is split.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True  # count labels[:, 1:], the positions the model predicts
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if distributed.cpu_fsdp_requested():  # accelerate would quietly run an FSDP launch on CPU as DDP
+            distributed.enable_cpu_fsdp(self.accelerator)
+            self.is_fsdp_enabled = True
+        if distributed.shards_parameters(self.accelerator):
+            self.model.get_base_model().transformer.sharded_visual = True
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -74,7 +82,8 @@ class WorkbenchTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # Under FSDP / DeepSpeed the Trainer passes the gathered full `state_dict`: use it.
-        save_adapter(self.accelerator.unwrap_model(self.model), output_dir, state_dict=state_dict)
+        with distributed.without_checkpoint_wrappers(self.accelerator.unwrap_model(self.model)) as model:
+            save_adapter(model, output_dir, state_dict=state_dict)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -218,6 +227,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     """Run (or with `resume`, continue) the training a run config describes; returns where it ended."""
     state = PartialState(cpu=_cpu_only())  # sets up the process group under `accelerate launch`
     out = Path(config.train.output_dir)
+    distributed.check_launch(config)
     # Every rank checks before any rank writes, or rank 1 would find rank 0's fresh record.
     resume_from = record.prepare_output_dir(out, resume=resume)
     state.wait_for_everyone()
@@ -242,6 +252,9 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     )
     for default in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default)
+    if state.is_main_process:
+        run_record["sessions"][-1]["distributed"] = distributed.describe(trainer.accelerator)
+        write_json(out / record.RECORD_NAME, run_record)
     if config.train.tensorboard:
         board = TensorBoardCallback()
         board.logging_dir = str(out / "tensorboard")
