@@ -43,13 +43,13 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter_model.safetensors")
 
 
-def launch(args: list[str]) -> subprocess.CompletedProcess:
-    """`accelerate launch` of the FSDP config on 2 CPU processes (CUDA hidden, so also on a GPU machine)."""
+def launch(args: list[str], config: str = "fsdp") -> subprocess.CompletedProcess:
+    """`accelerate launch` of configs/accelerate/<config>.yaml on 2 CPU processes (CUDA hidden, also on a GPU machine)."""
     with socket.socket() as s:  # a free port, so parallel test workers do not collide
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", "configs/accelerate/fsdp.yaml",
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", f"configs/accelerate/{config}.yaml",
            "--num_processes", "2", "--main_process_port", str(port), *args]
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
@@ -57,33 +57,45 @@ def launch(args: list[str]) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, toy_data: Path) -> dict[str, Path]:
-    """Run folders: single-<recipe> (1 process), fsdp-<recipe> (2 processes), resumed (all3, stopped + resumed)."""
-    from workbench.train import trainer
-
+def make_config(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, toy_data: Path):
+    """make_config(name, recipe, **train) -> the run config of the run folder <name>/run."""
     root = tmp_path_factory.mktemp("fsdp")
 
-    def config(name: str, recipe: str, **train: object) -> Path:
+    def make(name: str, recipe: str, **train: object) -> Path:
         return write_run_config(root / name, tiny_model, toy_data, recipe, eval_data=False, **SETTINGS, **train)
+    return make
 
-    fsdp = {recipe: config(f"fsdp-{recipe}", recipe, batch_size=2) for recipe in RECIPES}
-    resumed = config("resumed", "all3", batch_size=2)
+
+@pytest.fixture(scope="module")
+def single(make_config) -> dict[str, Path]:
+    """The 1-process reference run folder per recipe: 2 records per micro-batch, accumulated twice."""
+    from workbench.train import trainer
+
+    paths = {recipe: make_config(f"single-{recipe}", recipe, batch_size=2, gradient_accumulation_steps=2)
+             for recipe in RECIPES}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trainer, "_cpu_only", lambda: True)  # on CPU as the launched processes, where a GPU is present
+        for path in paths.values():
+            trainer.train(load_run_config(path))
+    return {recipe: path.parent / "run" for recipe, path in paths.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(make_config, single) -> dict[str, Path]:
+    """Run folders: single-<recipe> (1 process), fsdp-<recipe> (2 processes), resumed (all3, stopped + resumed)."""
+    fsdp = {recipe: make_config(f"fsdp-{recipe}", recipe, batch_size=2) for recipe in RECIPES}
+    resumed = make_config("resumed", "all3", batch_size=2)
     worker = launch(["tests/train/fsdp_worker.py", str(fsdp["lora"]), str(fsdp["all3"]), f"{resumed}@{STOP}"])
     assert f"{resumed}: interrupted at step {STOP}" in worker.stdout
-    stopped = json.loads((root / "resumed" / "run" / "workbench_run.json").read_text())
+    stopped_dir = resumed.parent / "run"
+    stopped = json.loads((stopped_dir / "workbench_run.json").read_text())
     assert stopped["status"] == "interrupted" and stopped["result"]["global_step"] == STOP
-    assert sorted(p.name for p in (root / "resumed" / "run").glob("checkpoint-*")) == [f"checkpoint-{STOP}"]
-    assert not (root / "resumed" / "run" / "adapter_model.safetensors").exists()
+    assert sorted(p.name for p in stopped_dir.glob("checkpoint-*")) == [f"checkpoint-{STOP}"]
+    assert not (stopped_dir / "adapter_model.safetensors").exists()
     resume = launch(["-m", "workbench.cli.main", "train", "--resume", str(resumed)])
     assert resume.stdout.count("completed: step 5") == 1  # only rank 0 reports
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "_cpu_only", lambda: True)  # the reference on CPU too, where a GPU is present
-        for recipe in RECIPES:
-            trainer.train(load_run_config(config(f"single-{recipe}", recipe, batch_size=2,
-                                                 gradient_accumulation_steps=2)))
-    names = [f"{kind}-{recipe}" for kind in ("single", "fsdp") for recipe in RECIPES] + ["resumed"]
-    return {name: root / name / "run" for name in names}
+    folders = {f"fsdp-{recipe}": path.parent / "run" for recipe, path in fsdp.items()}
+    return {**{f"single-{r}": path for r, path in single.items()}, **folders, "resumed": stopped_dir}
 
 
 @pytest.mark.slow
@@ -203,3 +215,56 @@ def test_a_sharded_frozen_vit_runs_on_text_only_batches(tiny_model, sharded):
     assert len(calls) == int(sharded)
     model.transformer.sharded_visual = False
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, out.loss, atol=0, rtol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("config", "recipe", "atol"), [
+    ("deepspeed-zero2", "lora", 1e-6),
+    # ZeRO-3 (measured 1.1e-5): its own gradient reduction order, which AdamW scales up on the
+    # ViT's and resampler's small gradients; the LLM's LoRA stays within 3e-7.
+    ("deepspeed-zero3", "all3", 5e-5),
+])
+def test_deepspeed_zero_on_two_cpu_processes(make_config, single, config, recipe, atol):
+    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]' (DeepSpeed's CPU accelerator, gloo)")
+    path = make_config(config, recipe, batch_size=2)
+    launch(["-m", "workbench.cli.main", "train", str(path)], config=config)
+    one, two = single[recipe], path.parent / "run"
+    a, b = losses(one), losses(two)
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), step
+    wa, wb = adapter(one), adapter(two)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=atol, rtol=0, msg=key)
+    session = json.loads((two / "workbench_run.json").read_text())["sessions"][-1]["distributed"]
+    assert session["type"] == "DEEPSPEED" and session["world_size"] == 2 and session["backend"] == "gloo"
+    assert session["deepspeed"]["zero_stage"] == int(config[-1])
+
+
+def test_deepspeed_on_cpu_names_gloo_and_the_others_ask_accelerate_for_cpu(monkeypatch):
+    from workbench.train import distributed
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert distributed.partial_state_kwargs(cpu=True) == {"cpu": True}
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.partial_state_kwargs(cpu=True) == {"backend": "gloo"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.partial_state_kwargs(cpu=False) == {"cpu": False}
+
+
+def test_run_record_counts_machines_from_the_processes_per_machine(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from workbench.train.distributed import describe
+
+    state = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=16, backend="nccl")
+    accelerator = SimpleNamespace(state=state, device=torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun: processes on this machine
+    assert describe(accelerator) == {"type": "MULTI_GPU", "world_size": 16, "num_machines": 2, "backend": "nccl",
+                                     "device": "cpu"}
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert describe(accelerator)["num_machines"] == 1

@@ -156,8 +156,9 @@ class QWenModel(QWenPreTrainedModel):
         # rev-B keeps a trainable ViT in the graph (its grads are zero tensors, not None); a frozen
         # one needs no dummy image at all, unless it is sharded.
         if self.training and (self.sharded_visual or any(p.requires_grad for p in self.visual.parameters())):
-            weight = self.visual.conv1.weight
-            dummy = torch.zeros(1, 3, DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE, dtype=weight.dtype, device=weight.device)
+            # Built without touching a ViT weight: under ZeRO-3 reading one outside the ViT's forward
+            # gathers it, on the ranks with a text-only batch alone. The ViT casts it to its dtype.
+            dummy = torch.zeros(1, 3, DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE, device=input_ids.device)
             return [], self.visual(dummy)
         return [], None
 

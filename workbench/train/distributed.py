@@ -41,6 +41,21 @@ def check_launch(config: RunConfig) -> None:
             "(fsdp_activation_checkpointing: true); add --set train.gradient_checkpointing=false")
 
 
+def cpu_deepspeed_requested() -> bool:
+    """A DeepSpeed launch on a machine without CUDA (DeepSpeed's CPU accelerator, gloo)."""
+    return _env_flag("ACCELERATE_USE_DEEPSPEED") and not torch.cuda.is_available()
+
+
+def partial_state_kwargs(cpu: bool) -> dict[str, Any]:
+    """accelerate's process-group set-up: `cpu` for gloo, except DeepSpeed on CPU.
+
+    accelerate enables DeepSpeed only when not told `cpu`; on a machine without CUDA it then finds
+    no backend and would run each process alone. Naming gloo lets DeepSpeed's own
+    `init_distributed` set up the group over its CPU accelerator.
+    """
+    return {"backend": "gloo"} if cpu_deepspeed_requested() else {"cpu": cpu}
+
+
 def cpu_fsdp_requested() -> bool:
     """An FSDP launch (ACCELERATE_USE_FSDP=true) on CPU processes, which accelerate would run as DDP."""
     return (_env_flag("ACCELERATE_USE_FSDP") and not torch.cuda.is_available()

@@ -141,6 +141,8 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,  # the collator's batch goes to the model as it is
         use_cpu=_cpu_only(),
+        # TrainingArguments sets accelerate's process group up again: the same backend as train()'s
+        ddp_backend=distributed.partial_state_kwargs(_cpu_only()).get("backend"),
         # every trainable parameter is used in every step (text-only batches run the ViT on a
         # dummy image, spec §5.7), so DDP need not search the graph for unused ones
         ddp_find_unused_parameters=False,
@@ -150,8 +152,9 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
 
 
 def _cpu_only() -> bool:
-    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told it is on CPU.
-    return not torch.cuda.is_available()
+    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told it is on CPU;
+    # DeepSpeed on CPU is the exception (see distributed.partial_state_kwargs).
+    return not torch.cuda.is_available() and not distributed.cpu_deepspeed_requested()
 
 
 @dataclass
@@ -225,7 +228,8 @@ def _kept_checkpoints(config: RunConfig, data: TrainData) -> int:
 
 def train(config: RunConfig, resume: bool = False, callbacks: list | None = None) -> RunResult:
     """Run (or with `resume`, continue) the training a run config describes; returns where it ended."""
-    state = PartialState(cpu=_cpu_only())  # sets up the process group under `accelerate launch`
+    # sets up the process group under `accelerate launch`
+    state = PartialState(**distributed.partial_state_kwargs(cpu=_cpu_only()))
     out = Path(config.train.output_dir)
     distributed.check_launch(config)
     # Every rank checks before any rank writes, or rank 1 would find rank 0's fresh record.
