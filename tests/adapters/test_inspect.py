@@ -26,7 +26,7 @@ def test_official_recipe_report_and_memory(real_ref_dir):
     assert totals == {"base_params": 9_656_935_168, "lora_params": 112_197_632, "trained_params": 0,
                       "trainable_params": 112_197_632, "quantized_modules": 0}
     memory = report["memory_bytes"]
-    assert memory["weights"] == 19_313_870_336  # bf16 release: the index's total_size (spec §8.1)
+    assert memory["weights"] == 19_313_870_336  # bf16 release: the index's total_size (docs/qwen-vl.md §8.1)
     assert memory["trainable"] == 112_197_632 * 16  # float32 LoRA: weight + grad + AdamW m, v
     # 4-bit column: the 160 LLM linears in NF4 + double quant (1/2 B + (1 + 4/256)/64 B per value)
     quantized = 32 * (3 * E * E + E * E + 2 * F * E + E * F)

@@ -12,7 +12,7 @@ from workbench.adapters.recipe import load_recipe
 from workbench.adapters.targets import component_of, parse_layers, resolve_targets
 from workbench.errors import ConfigError
 
-# Release sizes (spec §4.1, §5.1), for the hand computations below.
+# Release sizes (docs/qwen-vl.md §4.1, docs/qwen-vl.md §5.1), for the hand computations below.
 E, F, W, M = 4096, 11008, 1664, 8192  # LLM width, LLM MLP branch, ViT width, ViT MLP width
 
 

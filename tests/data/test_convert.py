@@ -18,8 +18,9 @@ from workbench.data.convert.coco import convert_coco
 from workbench.data.convert.refcoco import convert_refcoco
 from workbench.data.convert.yolo import convert_yolo
 from workbench.data.records import load_conversations
-from workbench.data.render import load_template, render
+from workbench.data.render import render
 from workbench.errors import DataError
+from workbench.prompt import load_template
 
 SIZES = {"a.png": (64, 48), "sub/b.jpg": (30, 80)}  # different sizes and aspect ratios
 

@@ -10,9 +10,10 @@ from torch.utils.data import DataLoader
 from workbench.data.collator import SFTCollator
 from workbench.data.config import DataConfig
 from workbench.data.dataset import load_sft_data
-from workbench.data.labels import IGNORE, Sample
 from workbench.data.length import FIRST_ANSWER_TOO_LONG, TOO_LONG, apply_length_policy
 from workbench.data.packing import pack
+from workbench.model.modeling import IGNORE_INDEX
+from workbench.prompt import Sample
 
 PAD = 511
 
@@ -24,7 +25,7 @@ def _case8_file(write_data, golden):
 
 def _sample(turn_ends, roles, turn_images):
     ids = list(range(turn_ends[-1]))
-    labels = [IGNORE if any(s <= i < e for s, e, r in zip([0, *turn_ends], turn_ends, roles) if r != "assistant")
+    labels = [IGNORE_INDEX if any(s <= i < e for s, e, r in zip([0, *turn_ends], turn_ends, roles) if r != "assistant")
               else i for i in ids]
     images = [f"img{k}" for k in range(sum(turn_images))]
     return Sample(ids, labels, turn_ends, roles, turn_images, images, "f.jsonl", 0)
@@ -63,7 +64,7 @@ def test_dataset_and_collator_pad_stack_images_in_span_order(tok, golden, tiny_r
     for i, n in enumerate([51, 367, 593]):  # right padded, the same ids/labels as the golden
         assert batch["input_ids"][i, :n].tolist() == golden["case8"]["input_ids"][i][:n]
         assert batch["labels"][i, :n].tolist() == golden["case8"]["labels"][i][:n]
-        assert batch["input_ids"][i, n:].eq(PAD).all() and batch["labels"][i, n:].eq(IGNORE).all()
+        assert batch["input_ids"][i, n:].eq(PAD).all() and batch["labels"][i, n:].eq(IGNORE_INDEX).all()
         assert batch["attention_mask"][i].tolist() == [1] * n + [0] * (640 - n)
     # Images a, then b, c: the order of the <img> spans in (row, position) order.
     expected = torch.cat([cases["pixel_values.a"], cases["pixel_values.b"], cases["pixel_values.c"]])
@@ -87,7 +88,7 @@ def test_packed_row_layout(tok, golden, write_data):
     assert data.train.rows == [[0, 1], [2]]  # 51 + 367 fit together, 593 alone
     row = data.train[0]
     assert row["segment_ids"].tolist() == [1] * 51 + [2] * 367
-    assert row["labels"][51] == IGNORE  # a segment's first label would be predicted across the boundary
+    assert row["labels"][51] == IGNORE_INDEX  # a segment's first label would be predicted across the boundary
     assert len(row["pixel_values"]) == 1
     batch = SFTCollator(PAD)([row, data.train[1]])
     assert batch["segment_ids"].shape == batch["input_ids"].shape == (2, 593)
@@ -114,7 +115,7 @@ def test_packed_loss_and_logits_equal_one_by_one(tok, golden, tiny_ref_dir, writ
             one = model(**collate([alone[i]]))
             n = len(alone[i]["input_ids"])
             torch.testing.assert_close(row.logits[0, start:start + n], one.logits[0], rtol=1e-5, atol=1e-5)
-            tokens = alone[i]["labels"][1:].ne(IGNORE).sum().item()
+            tokens = alone[i]["labels"][1:].ne(IGNORE_INDEX).sum().item()
             total_loss += one.loss.item() * tokens
             total_tokens += tokens
             start += n

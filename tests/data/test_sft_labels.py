@@ -7,10 +7,10 @@ from safetensors.torch import load_file
 
 from workbench.data.config import DataConfig
 from workbench.data.dataset import build_samples
-from workbench.data.labels import IGNORE, official_preprocess, tokenize
 from workbench.data.length import fit
 from workbench.data.records import load_conversations
-from workbench.data.render import RenderedTurn, load_template
+from workbench.model.modeling import IGNORE_INDEX
+from workbench.prompt import RenderedTurn, load_template, official_preprocess, tokenize
 
 CHATML = load_template("chatml")
 
@@ -39,7 +39,7 @@ def test_case4_ids_and_labels(tok, golden, tiny_ref_dir):
     assert torch.equal(out["input_ids"].long(), cases["case4.input_ids"])
     assert torch.equal(out["labels"].long(), cases["case4.labels"])
     assert torch.equal(out["attention_mask"].long(), cases["case4.attention_mask"])
-    assert out["labels"][:, 1:].ne(IGNORE).sum() == golden["case4"]["n_loss_tokens"]
+    assert out["labels"][:, 1:].ne(IGNORE_INDEX).sum() == golden["case4"]["n_loss_tokens"]
 
 
 def test_original_slice_cuts_image_span_but_length_policy_does_not(tok, golden):
@@ -68,10 +68,10 @@ def test_assistant_mode_labels_by_hand(tok, golden):
     assert tok.encode("assistant") == ids[last_start + 1:last_start + 7] and ids[last_start + 7] == 10
     content = tok.encode(src[1]["value"])
     first = last_start + 8
-    expected = [IGNORE] * 51
+    expected = [IGNORE_INDEX] * 51
     expected[first:first + len(content) + 1] = content + [tok.im_end_id]
     assert s.labels == expected
-    assert ids[first + len(content) + 1] == 10 and s.labels[-1] == IGNORE  # trailing "\n": context only
+    assert ids[first + len(content) + 1] == 10 and s.labels[-1] == IGNORE_INDEX  # trailing "\n": context only
     # A turn is <|im_start|> role \n content <|im_end|> \n.
     system = 1 + len(tok.encode("system")) + 1 + len(tok.encode(CHATML.default_system)) + 2
     user = 1 + len(tok.encode("user")) + 1 + len(tok.encode("Hello")) + 2
@@ -81,7 +81,7 @@ def test_assistant_mode_labels_by_hand(tok, golden):
 def test_multi_turn_assistant_labels_cover_every_answer(tok, golden):
     src = golden["case8"]["sources"][1]["conversations"]  # 2 user + 2 assistant turns, one image
     s = tokenize(_turns(src), tok, CHATML, mode="assistant")
-    supervised = [t for t, lab in zip(s.input_ids, s.labels) if lab != IGNORE]
+    supervised = [t for t, lab in zip(s.input_ids, s.labels) if lab != IGNORE_INDEX]
     answers = [tok.encode(m["value"]) + [tok.im_end_id] for m in src if m["from"] == "assistant"]
     assert supervised == answers[0] + answers[1]
     assert s.input_ids == golden["case8"]["input_ids"][1][:367]

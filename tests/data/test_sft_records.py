@@ -7,8 +7,9 @@ import pytest
 from workbench.data.config import DataConfig
 from workbench.data.dataset import load_sft_data
 from workbench.data.records import load_conversations
-from workbench.data.render import load_task_template, load_template, render
+from workbench.data.render import render
 from workbench.errors import ConfigError, DataError
+from workbench.prompt import load_task_template, load_template
 
 CHATML = load_template("chatml")
 
@@ -140,11 +141,11 @@ def test_on_bad_record_skip_counts_and_error_lists(tok, write_data):
 def test_config_errors_name_file_and_key():
     with pytest.raises(ConfigError, match=r"run.yaml: data.max_lenght: unknown key; did you mean 'max_length'\?"):
         DataConfig.from_dict({"train": "x", "max_lenght": 10}, source="run.yaml")
-    with pytest.raises(ConfigError, match=r"run.yaml: data.overflow: expected truncate \| drop, got 'cut'"):
+    with pytest.raises(ConfigError, match=r"run.yaml: data.overflow: 'cut' is not one of truncate, drop"):
         DataConfig.from_dict({"train": "x", "overflow": "cut"}, source="run.yaml")
-    with pytest.raises(ConfigError, match=r"data.max_length: expected an integer >= 1, got True"):
+    with pytest.raises(ConfigError, match=r"data.max_length: expected an integer, got True"):
         DataConfig.from_dict({"train": "x", "max_length": True})
-    with pytest.raises(ConfigError, match=r"data.train: required"):
+    with pytest.raises(ConfigError, match=r"data.train: missing"):
         DataConfig.from_dict({})
     cfg = DataConfig.from_dict({"train": "a.jsonl", "eval": ["b.jsonl"], "packing": True})
     assert cfg.train == ("a.jsonl",) and cfg.to_dict()["eval"] == ["b.jsonl"] and cfg.max_length == 2048

@@ -2,7 +2,7 @@
 
 The grounding recipe adapts a model that already answers in boxes (Qwen-VL-Chat does), so the
 test first makes such a model from the demo's tiny base (random LLM, hand-set vision side:
-workbench/model/tiny_vision.py): 300 steps of the demo recipe on shapes whose images were
+workbench/demo/tiny_vision.py): 300 steps of the demo recipe on shapes whose images were
 rotated by one record, so the answers' format and phrases are learnable but no box matches its
 image, merged. That model writes well-formed boxes near the average box. Then 500 steps of the
 grounding recipe on matching images must teach it to find the shape.
@@ -37,8 +37,8 @@ def _mismatched(path, out):
 
 def test_grounding_recipe_teaches_the_model_to_find_the_shape(tmp_path) -> None:
     from workbench import load_model, load_tokenizer
-    from workbench.data.synthetic import make_shapes_dataset
-    from workbench.demo import DEMO_CONFIG, make_demo_base_model
+    from workbench.demo.runner import DEMO_CONFIG, make_demo_base_model
+    from workbench.demo.synthetic import make_shapes_dataset
     from workbench.eval.grounding import evaluate_grounding, load_queries
     from workbench.merge.merge import merge_adapter
     from workbench.train.config import load_run_config

@@ -74,8 +74,8 @@ def test_official_jsonl_prompt_and_ground_api(tmp_path, tiny, converted):
     assert report["samples"][0]["pred"] == pytest.approx((500 / 999 * 64, 0, 64, 48)) and report["metrics"]["acc@0.5"] == 1
     assert model.calls[0][3]["min_new_tokens"] == 10 and model.calls[0][3]["stop_words_ids"] is None
     model = ScriptedModel(tok, {("a.png", "cat"): "<ref>dog</ref><box>(0,0),(10,10)</box><ref>cat</ref>"
-                                                  "<box>(500,0),(1000,500)</box><box>(0,500),(250,1000)</box>"})
-    assert ground(model, tok, tmp_path / "images" / "a.png", "cat") == [(32, 0, 64, 24), (0, 24, 16, 48)]
+                                                  "<box>(500,0),(750,500)</box><box>(0,500),(250,750)</box>"})
+    assert ground(model, tok, tmp_path / "images" / "a.png", "cat") == [(32, 0, 48, 24), (0, 24, 16, 36)]
 
 
 def test_left_padded_batch_gives_the_same_answers_as_one_by_one(tiny):
@@ -109,4 +109,36 @@ def test_cli_eval_grounding_end_to_end_with_adapter(tmp_path, tiny_dir, converte
     # A fresh LoRA adapter (B = 0) changes nothing: same answers through PeftModel.
     assert [s["answer"] for s in reports[1]["samples"]] == [s["answer"] for s in reports[0]["samples"]]
     assert main(["eval", "grounding", "--model", str(tiny_dir), "--data", str(data),
-                 "--adapter", str(tmp_path / "nope")]) == 2
+                 "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "out9")]) == 2
+    from workbench.model.checkpoint import sha256_file
+
+    assert reports[1]["about"]["adapter"] == str(tmp_path / "adapter") and reports[0]["about"]["model"] == str(tiny_dir)
+    assert reports[0]["about"]["data_sha256"] == sha256_file(data)
+    # A rerun into a folder holding a report is refused; with --overwrite the old files go.
+    (tmp_path / "out0" / "samples" / "9999.png").write_bytes(b"an older run's picture")
+    rerun = ["eval", "grounding", "--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "out0"),
+             "--max-new-tokens", "4", "--device", "cpu"]
+    assert main(rerun) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*rerun, "--overwrite"]) == 0 and not (tmp_path / "out0" / "samples" / "9999.png").exists()
+
+
+def test_cut_and_inverted_boxes_are_parse_failures_per_category_and_report_names_its_inputs(tmp_path, tiny,
+                                                                                           converted):
+    _, tok = tiny
+    queries = load_queries(converted)
+    assert [q.category for q in queries] == ["cat", "dog", "cat"]  # the COCO converter writes them
+    model = ScriptedModel(tok, {
+        ("images/a.png", "cat"): "<ref>cat</ref><box>(7,6,6,(7,(7,(7,",            # cut mid-box
+        ("images/a.png", "dog"): "<ref>dog</ref><box>(900,0),(10,999)</box>",      # x2 < x1
+        ("images/sub/b.jpg", "cat"): "<ref>cat</ref><box>(0,0),(10,10)</box>",     # parsed, wrong
+    })
+    about = {"model": "m", "adapter": "runs/a", "data": str(converted), "data_sha256": "abc"}
+    report = evaluate_grounding(model, tok, queries, prompt="chat", out_dir=tmp_path / "out", about=about)
+    m = report["metrics"]
+    assert [s["failure"] for s in report["samples"]] == ["cut box", "inverted box", None]
+    assert m["parse_failures"] == 2 and m["parse_failure_kinds"] == {"cut box": 1, "inverted box": 1}
+    assert m["wrong_boxes"] == 1 and m["acc@0.5"] == 0
+    assert m["per_category"]["cat"]["n"] == 2 and m["per_category"]["dog"]["parse_failures"] == 1
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["about"] == about
+    assert report["settings"]["max_new_tokens"] == 128  # the chat answer's budget, not the official 28
+

@@ -52,7 +52,8 @@ def test_summary_counts_unparseable_answers_as_misses():
     assert s["mean_iou"] == pytest.approx((1 + 0.25 + 0 + 0) / 4)
     assert s["parse_failures"] == 1 and s["parse_failure_rate"] == 0.25
     assert s["per_split"]["val"] == {"n": 2, "acc@0.5": 0.5, "mean_iou": 0.625, "parse_failures": 0,
-                                     "parse_failure_rate": 0.0}
+                                     "parse_failure_rate": 0.0, "parse_failure_kinds": {}, "wrong_boxes": 1}
+    assert s["parse_failure_kinds"] == {"no box": 1} and s["wrong_boxes"] == 2
     assert s["per_split"]["testA"]["parse_failures"] == 1 and s["per_split"]["testA"]["acc@0.5"] == 0
     assert s["per_category"]["cat"]["n"] == 2 and s["per_category"]["cat"]["acc@0.5"] == 0.5
     assert set(s["per_category"]) == {"cat", "dog"}     # the uncategorised query is in no group

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workbench.eval.parse import ParsedBox, parse_boxes, parse_official, pick_box
+from workbench.eval.parse import ParsedBox, failure, parse_boxes, parse_official, pick_box
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -13,7 +13,10 @@ from workbench.eval.parse import ParsedBox, parse_boxes, parse_official, pick_bo
     ("<ref>dogs</ref><box>(1,2),(3,4)</box><box>(5,6),(7,8)</box> and <ref>cat</ref><box>(9,10),(11,12)</box>",
      [("dogs", (1, 2, 3, 4)), ("dogs", (5, 6, 7, 8)), ("cat", (9, 10, 11, 12))]),
     ("<box>12,34),(560,780</box>", [(None, (12, 34, 560, 780))]),      # brackets lost inside the tags
-    ("<ref>cat</ref><box>(12,34),(560,780)", [("cat", (12, 34, 560, 780))]),  # generation stopped before </box>
+    ("<ref>cat</ref><box>(12,34),(560,780)", [("cat", (12, 34, 560, 780), "cut box")]),  # stopped before </box>
+    ("<ref>green rectangle</ref><box>(7,6,6,(7,(7,(7,", [("green rectangle", (7, 6, 6, 7), "cut box")]),
+    ("<ref>cat</ref><box>(560,34),(12,780)</box>", [("cat", (560, 34, 12, 780), "inverted box")]),
+    ("<ref>cat</ref><box>(12,34),(560,1000)</box>", [("cat", (12, 34, 560, 1000), "outside the grid")]),
     ("(12,34),(560,780", [(None, (12, 34, 560, 780))]),                # no tags, last bracket missing
     ("12, 34), (560, 780)", [(None, (12, 34, 560, 780))]),             # first bracket missing, spaces
     ("<ref>cat<box>(1,2),(3,4)</box>", [("cat", (1, 2, 3, 4))]),        # unclosed <ref>
@@ -25,7 +28,7 @@ from workbench.eval.parse import ParsedBox, parse_boxes, parse_official, pick_bo
     ("", []),
 ])
 def test_parse_boxes(text, expected):
-    assert parse_boxes(text) == [ParsedBox(ref, box) for ref, box in expected]
+    assert parse_boxes(text) == [ParsedBox(*item) for item in expected]
 
 
 def test_pick_box_prefers_the_query_ref_then_the_first_box():
@@ -33,6 +36,8 @@ def test_pick_box_prefers_the_query_ref_then_the_first_box():
     assert pick_box(parsed, " Cat ") == (3, 3, 4, 4)
     assert pick_box(parsed, "bird") == (1, 1, 2, 2)  # a box for another ref still answers the query
     assert pick_box([], "cat") is None
+    cut = parse_boxes("<ref>cat</ref><box>(12,34),(56,78")
+    assert pick_box(cut, "cat") is None and failure(cut) == "cut box" and failure([]) == "no box"
 
 
 @pytest.mark.parametrize("text, expected", [

@@ -60,7 +60,7 @@ def make_adapter(base_dir: Path, out_dir: Path, recipe: dict, seed: int = 0) -> 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workbench.model.tiny import make_tiny_model_dir
+    from workbench.demo.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("base") / "tiny")
 

@@ -54,7 +54,7 @@ def _instrument(monkeypatch, tracker: LiveTensors) -> None:
 
 @pytest.fixture(scope="module")
 def sharded_base(tmp_path_factory):
-    from workbench.model.tiny import make_tiny_model_dir
+    from workbench.demo.tiny import make_tiny_model_dir
 
     tiny = make_tiny_model_dir(tmp_path_factory.mktemp("deep") / "tiny", num_hidden_layers=6)
     sharded = tmp_path_factory.mktemp("sharded") / "base"

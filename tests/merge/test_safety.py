@@ -17,7 +17,7 @@ from workbench.merge import merge_adapter
 
 @pytest.fixture(scope="module")
 def other_base(tmp_path_factory):
-    from workbench.model.tiny import make_tiny_model_dir
+    from workbench.demo.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("other") / "tiny", seed=1)
 

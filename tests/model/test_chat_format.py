@@ -9,14 +9,14 @@ import torch
 
 from tests.conftest import TINY_REF as REF
 from workbench.errors import DataError
-from workbench.model.chat_format import (
+from workbench.model.tokenizer import ImageSpanError, QWenTokenizer
+from workbench.prompt import (
     decode_tokens,
     from_list_format,
     get_stop_words_ids,
     make_context,
     to_list_format,
 )
-from workbench.model.tokenizer import ImageSpanError, QWenTokenizer
 
 GOLDEN = json.loads((REF / "golden.json").read_text())
 
@@ -50,7 +50,7 @@ def test_make_context_history(tok):
 
 
 def test_make_context_window_is_strict(tok):
-    # Hand count: system = 16 ids, the newest turn 48 ids (spec §6.1), so a budget of exactly
+    # Hand count: system = 16 ids, the newest turn 48 ids (docs/qwen-vl.md §6.1), so a budget of exactly
     # 64 drops it (16 + 48 < 64 is false) and 65 keeps it.
     history = [tuple(turn) for turn in GOLDEN["make_context_history"]["history"]]
     _, alone = make_context(tok, "Thank you.")

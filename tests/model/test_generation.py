@@ -47,7 +47,7 @@ def test_stop_words_force_eos():
 
 
 def test_cache_carries_the_prefill_ntk_alpha(model):
-    """Decoding reuses the alpha its prefill chose (workbench rule, §5.4)."""
+    """Decoding reuses the alpha its prefill chose (workbench rule, docs/qwen-vl.md §5.4)."""
     ids = torch.randint(0, 511, (1, 2100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         full = model(ids).logits[:, -1]

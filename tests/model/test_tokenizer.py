@@ -1,4 +1,4 @@
-"""QWenTokenizer against the original's goldens (tiny vocab) and the §2.4 malformed-span table."""
+"""QWenTokenizer against the original's goldens (tiny vocab) and the docs/qwen-vl.md §2.4 malformed-span table."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_keep_image_special(tok):
             == "<ref>a</ref><box>(1,2),(3,4)</box><quad>q</quad>")
 
 
-# §2.4 malformed-span table, workbench column (tiny ids: <img> 725, </img> 726, <imgpad> 727).
+# docs/qwen-vl.md §2.4 malformed-span table, workbench column (tiny ids: <img> 725, </img> 726, <imgpad> 727).
 IMG, END, PAD = 725, 726, 727
 
 

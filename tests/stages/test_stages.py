@@ -4,7 +4,7 @@ Every test runs the shipped configs on the tiny model with only the model, the d
 numerics and the run length overridden (`--set`, as a user would), so the recipes, `image_size`
 and the optimiser settings are the shipped ones. The tiny model's own size is 56 px, but its ViT
 is 32 wide, so the stages' real 224 px (16x16 grid: the position table as it is) and 448 px
-(32x32: the table resized, spec §4.3) are cheap and are what is tested.
+(32x32: the table resized, docs/qwen-vl.md §4.3) are cheap and are what is tested.
 """
 
 from __future__ import annotations
@@ -35,14 +35,14 @@ IMAGE_SIZE = {"stage1": 224, "stage2": 448, "stage3": 448}
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workbench.model.tiny import make_tiny_model_dir
+    from workbench.demo.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workbench.data.synthetic import make_shapes_dataset
+    from workbench.demo.synthetic import make_shapes_dataset
 
     return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 3, size_range=(56, 80))
 
@@ -57,7 +57,7 @@ def tiny_overrides(model: Path, data: Path, out: Path) -> list[str]:
             # stage 3 ships finetune.py's chat format; the shapes set is in the structured one
             "data.train": data, "data.format": "structured", "data.label_mode": "assistant",
             "data.num_workers": 0, "train.max_steps": 2, "train.batch_size": 2,
-            "train.gradient_accumulation_steps": 1, "train.logging_steps": 1, "train.tensorboard": False}
+            "train.gradient_accumulation_steps": 1, "train.logging_steps": 1, "train.report_to": "none"}
     return [f"{key}={value}" for key, value in sets.items()]
 
 
@@ -102,7 +102,7 @@ def test_train_all_is_the_whole_component_within_layers(tiny_model, tmp_path):
 def test_image_size_is_checked(tiny_model, tmp_path):
     from workbench.train.trainer import build_model
 
-    with pytest.raises(ConfigError, match=r"stage1\.yaml: image_size: expected a size in pixels"):
+    with pytest.raises(ConfigError, match=r"stage1\.yaml: image_size: expected an integer, got .big."):
         load_run_config(config_path("stage1"), ["image_size=big"])
     config = load_run_config(config_path("stage1"), [*tiny_overrides(tiny_model, tmp_path, tmp_path),
                                                       "image_size=100"])
@@ -113,11 +113,12 @@ def test_image_size_is_checked(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2"])
 def test_image_size_reaches_the_data_and_the_vit(stage, tiny_model, shapes, tmp_path):
-    from workbench.train.trainer import build_data, build_model
+    from workbench.train.trainer import build_data, build_model, preflight
 
     config = load_run_config(config_path(stage), tiny_overrides(tiny_model, shapes, tmp_path))
     model = build_model(config, torch.device("cpu"))
-    data = build_data(config, model)
+    checked = preflight(config, resume=False)
+    data = build_data(config, checked.tokenizer, checked.image_size)
     pixels = data.collator([data.train[0]])["pixel_values"]
     size = IMAGE_SIZE[stage]
     assert pixels.shape == (1, 3, size, size)

@@ -27,7 +27,7 @@ RECIPES = {
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from workbench.model.tiny import make_tiny_model_dir
+    from workbench.demo.tiny import make_tiny_model_dir
 
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
@@ -83,7 +83,7 @@ def write_run_config(folder: Path, model: Path, data: Path, recipe: str, *, eval
         "output_dir": str(folder / "run"), "lr": 5e-3, "schedule": "constant", "warmup_ratio": 0.0,
         "weight_decay": 0.0, "max_steps": 30, "batch_size": 4, "gradient_accumulation_steps": 1,
         "gradient_checkpointing": False, "loss_chunk_size": 64, "save_steps": 10, "logging_steps": 1,
-        "seed": 1, "tensorboard": False,
+        "seed": 1, "report_to": "none",
     }
     settings.update(train)
     config = {

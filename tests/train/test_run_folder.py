@@ -29,21 +29,23 @@ def make_checkpoint(folder, step, complete=True):
 
 def test_unwritable_output_dir_fails_before_training(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(WorkbenchError, match="train.output_dir: cannot write to .*file/run"):
-        record.prepare_output_dir(tmp_path / "file" / "run", resume=False)
+    with pytest.raises(WorkbenchError, match="train.output_dir: cannot create or write .*file/run"):
+        record.check_output_dir(tmp_path / "file" / "run", resume=False)
+    assert not (tmp_path / "file").is_dir()
 
 
 def test_existing_run_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
     out = tmp_path / "run"
-    assert record.prepare_output_dir(out, resume=False) is None
-    with pytest.raises(WorkbenchError, match="--resume: no checkpoint-N folder"):
-        record.prepare_output_dir(out, resume=True)
+    assert record.check_output_dir(out, resume=False) is None
+    assert not out.exists()  # the check creates nothing
+    with pytest.raises(WorkbenchError, match="--resume: no complete checkpoint-N folder"):
+        record.check_output_dir(out, resume=True)
     make_checkpoint(out, 5)
     make_checkpoint(out, 10)
     make_checkpoint(out, 15, complete=False)  # a save cut short is not resumed from
     with pytest.raises(WorkbenchError, match="already holds a run; add --resume"):
-        record.prepare_output_dir(out, resume=False)
-    assert record.prepare_output_dir(out, resume=True) == out / "checkpoint-10"
+        record.check_output_dir(out, resume=False)
+    assert record.check_output_dir(out, resume=True) == out / "checkpoint-10"
 
 
 def test_low_disk_space_is_reported(tmp_path, monkeypatch):

@@ -162,7 +162,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
 
 def test_cli_trains_the_shipped_tiny_config(tmp_path, tiny_ref_dir, monkeypatch, capsys):
     from workbench.cli.main import main
-    from workbench.data.synthetic import make_shapes_dataset
+    from workbench.demo.synthetic import make_shapes_dataset
 
     data = make_shapes_dataset(tmp_path / "shapes", 12, size_range=(56, 80))
     monkeypatch.chdir(REPO)  # the config's paths are relative to the repository

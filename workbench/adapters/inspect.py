@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from workbench.adapters.apply import apply_recipe
-from workbench.adapters.quantize import DTYPES, quantized_bytes
+from workbench.adapters.quantize import quantized_bytes
 from workbench.adapters.recipe import COMPONENTS, Quantization, Recipe
 from workbench.adapters.sharded_memory import SHARDED_FORMULA, per_device_bytes, unit_bytes
 from workbench.adapters.targets import PEFT_PREFIX, component_of, quantize_names, resolve_targets
+from workbench.dtypes import TORCH_DTYPES
+from workbench.model.checkpoint import resolve_config_dir
 
 MEMORY_FORMULA = ("weights: frozen numel x dtype bytes (4-bit: numel/2 + absmax per 64-block); "
                   "trainable: numel x 4 x param bytes (weight + grad + AdamW m, v); activations excluded")
@@ -47,7 +49,7 @@ def meta_model(model_dir: str | Path, dtype: str = "bfloat16") -> torch.nn.Modul
     from workbench.model.modeling import QWenLMHeadModel
 
     with torch.device("meta"):
-        return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(DTYPES[dtype])
+        return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(TORCH_DTYPES[dtype])
 
 
 def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16", devices: int | None = None) -> dict:
@@ -56,7 +58,8 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
     With `devices`, also the per-device memory when FSDP / ZeRO-3 shard the run over that many
     devices (`sharded_memory`).
     """
-    model = meta_model(model_dir, dtype)
+    config_dir, note = resolve_config_dir(model_dir)
+    model = meta_model(config_dir, dtype)
     targets = resolve_targets(model, recipe)
     shapes = {n: p.shape for n, p in model.named_parameters()}
     # The 4-bit column uses the recipe's quantisation, or QLoRA's default (NF4 LLM linears) without one.
@@ -98,6 +101,7 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
     trained = sum(c["trained_params"] for c in components.values())
     return {
         "recipe": recipe.name, "description": recipe.description, "model": str(model_dir), "dtype": dtype,
+        "config_note": note,
         "components": components,
         "modules_to_save": {"modules": targets.modules_to_save, "params": to_save},
         "quantization": dataclasses.asdict(q) | {"applied": recipe.quantization is not None,

@@ -14,12 +14,11 @@ with input gradients is the trainer's switch.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from workbench.adapters.recipe import Quantization
+from workbench.dtypes import TORCH_DTYPES
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold (transformers' default)
 
 
@@ -40,7 +39,7 @@ def quantized_linear(linear: nn.Linear, q: Quantization) -> nn.Module:
     device, has_bias = linear.weight.device, linear.bias is not None
     if q.bits == 4:
         new = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias,
-                                compute_dtype=DTYPES[q.compute_dtype], compress_statistics=q.double_quant,
+                                compute_dtype=TORCH_DTYPES[q.compute_dtype], compress_statistics=q.double_quant,
                                 quant_type=q.quant_type, device="meta")
         # Params4bit quantises on .to(device) (any non-meta device, the CPU included).
         new.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, compress_statistics=q.double_quant,

@@ -38,7 +38,7 @@ PATTERNS = {
 }
 PEFT_PREFIX = "base_model.model."
 TRAIN_ALL = "all"  # a `train` pattern: the whole component (full training, e.g. the paper's stages)
-# Never trained by `all`: the release keeps this table fixed (requires_grad False, spec §4.1).
+# Never trained by `all`: the release keeps this table fixed (requires_grad False, docs/qwen-vl.md §4.1).
 FIXED = ("transformer.visual.attn_pool.pos_embed",)
 
 

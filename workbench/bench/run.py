@@ -20,8 +20,8 @@ from workbench.adapters.apply import apply_recipe
 from workbench.adapters.recipe import load_recipe
 from workbench.bench.flops import step_flops
 from workbench.bench.workload import bench_config, default_dtype, n_text_tokens, synthetic_batch
+from workbench.demo.tiny import init_tiny_weights
 from workbench.model.modeling import QWenLMHeadModel
-from workbench.model.tiny import init_tiny_weights
 
 GiB = 2**30
 LOSS_CHUNK_SIZE = 1024  # rows of the chunked cross-entropy (train's default too)

@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from workbench.demo.tiny import TINY_CONFIG
 from workbench.model.config import QWenConfig
 from workbench.model.image_processing import preprocess
-from workbench.model.tiny import TINY_CONFIG
+from workbench.model.modeling import IGNORE_INDEX
 
 IMAGE_WH = (640, 480)
 IMAGE_SPAN = 258  # <img> + 256 slots + </img>
@@ -62,7 +63,7 @@ def synthetic_batch(config: QWenConfig, seq_len: int, device: torch.device, seed
     ids[0, PROMPT_OFFSET + 1: PROMPT_OFFSET + IMAGE_SPAN - 1] = start + 2  # <imgpad>
     ids[0, PROMPT_OFFSET + IMAGE_SPAN - 1] = start + 1
     labels = ids.clone()
-    labels[0, : seq_len // 2] = -100
+    labels[0, : seq_len // 2] = IGNORE_INDEX
     rgb = np.random.default_rng(seed).integers(0, 256, (IMAGE_WH[1], IMAGE_WH[0], 3), dtype=np.uint8)
     pixels = preprocess(Image.fromarray(rgb), config.visual["image_size"])[None]
     return {"input_ids": ids.to(device), "labels": labels.to(device),

@@ -6,7 +6,6 @@ import argparse
 import importlib.util
 import statistics
 import sys
-from pathlib import Path
 from typing import Any
 
 
@@ -33,21 +32,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> tuple[Any, str | None]:
-    import yaml
-
     from workbench.data.config import DataConfig
     from workbench.errors import ConfigError
+    from workbench.schema import read_yaml
 
     section: dict[str, Any] = {}
     model = args.model
     if args.config:
-        try:
-            doc = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{args.config}: cannot read: {err}") from None
+        doc = read_yaml(args.config, "config file") or {}
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of run settings")
         section = dict(doc.get("data") or {})
         model = model or doc.get("model")
-    section.update(train=[args.file], eval=None, eval_fraction=0.0)
+    section.update(train=[args.file], eval=[], eval_fraction=0.0)
     return DataConfig.from_dict(section, source=args.config or "<command line>"), model
 
 
@@ -64,6 +61,7 @@ def check(file: str, cfg: Any, model: str | None) -> int:
     from workbench.data.dataset import build_samples
     from workbench.data.length import apply_length_policy
     from workbench.data.records import load_conversations
+    from workbench.model.modeling import IGNORE_INDEX
 
     loaded = load_conversations(cfg.train, cfg)
     convs = loaded.conversations
@@ -84,7 +82,7 @@ def check(file: str, cfg: Any, model: str | None) -> int:
         samples = build_samples(convs, tokenizer, cfg, problems)
         if samples:
             print(f"tokens per record: {_stats([len(s) for s in samples])}")
-            print(f"supervised tokens per record: {_stats([sum(v != -100 for v in s.labels) for s in samples])}")
+            print(f"supervised tokens per record: {_stats([sum(v != IGNORE_INDEX for v in s.labels) for s in samples])}")
             _, report = apply_length_policy(samples, cfg.max_length, cfg.overflow)
             print(f"max_length {cfg.max_length}, overflow {cfg.overflow}: {report.summary()}")
     if problems:
@@ -96,9 +94,9 @@ def check(file: str, cfg: Any, model: str | None) -> int:
 
 def preview(file: str, cfg: Any, model: str | None, n: int) -> int:
     from workbench.data.dataset import bad_records_error, build_samples
-    from workbench.data.labels import IGNORE
     from workbench.data.records import load_conversations
     from workbench.errors import ConfigError
+    from workbench.model.modeling import IGNORE_INDEX
 
     tokenizer = _tokenizer(model)
     if tokenizer is None:
@@ -110,13 +108,13 @@ def preview(file: str, cfg: Any, model: str | None, n: int) -> int:
     open_, close = ("\033[1;32m", "\033[0m") if color else ("[[", "]]")
     for s in build_samples(loaded.conversations[:n], tokenizer, cfg, loaded.problems):
         print(f"--- {s.file} record {s.record}: {len(s)} tokens, "
-              f"{sum(v != IGNORE for v in s.labels)} supervised, {len(s.images)} images ---")
+              f"{sum(v != IGNORE_INDEX for v in s.labels)} supervised, {len(s.images)} images ---")
         # Decode runs of equally supervised tokens, so an image span decodes back to <img>path</img>.
         out, start = [], 0
         for i in range(1, len(s) + 1):
-            if i == len(s) or (s.labels[i] == IGNORE) != (s.labels[start] == IGNORE):
+            if i == len(s) or (s.labels[i] == IGNORE_INDEX) != (s.labels[start] == IGNORE_INDEX):
                 text = tokenizer.decode(s.input_ids[start:i])
-                out.append(text if s.labels[start] == IGNORE else f"{open_}{text}{close}")
+                out.append(text if s.labels[start] == IGNORE_INDEX else f"{open_}{text}{close}")
                 start = i
         print("".join(out))
     return 0

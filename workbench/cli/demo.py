@@ -19,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench.demo import run_demo, summary
+    from workbench.demo.runner import run_demo, summary
     from workbench.errors import WorkbenchError
 
     if args.steps is not None and args.steps <= 0:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from workbench.dtypes import TORCH_DTYPES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -21,7 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="'official' (<img>..</img><ref>..</ref><box>, no ChatML), 'chat' (ChatML with the "
                         "grounding template), or a ChatML prompt with <ref-object> (default: official)")
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-new-tokens", type=int, default=28)
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: 28 for --prompt official (the official protocol), 128 for chat prompts")
     g.add_argument("--parser", choices=["robust", "official"], default="robust",
                    help="robust: any box format, prefers the box labelled with the query; official: first (a,b),(c,d)")
     g.add_argument("--divisor", type=int, choices=[1000, 999], default=1000,
@@ -29,24 +33,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--limit", type=int, help="evaluate only the first N queries")
     g.add_argument("--images", type=int, default=16, help="PNGs drawn for the first N queries")
     g.add_argument("--out", default="eval_grounding", help="output folder (report.json, samples/*.png)")
-    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's")
+    g.add_argument("--overwrite", action="store_true", help="clear an output folder that holds an earlier report")
+    g.add_argument("--allow-outside-root", action="store_true",
+                   help="allow image paths that lead outside the image root (like data.allow_outside_root)")
+    g.add_argument("--dtype", choices=TORCH_DTYPES, help="default: the config's")
     g.add_argument("--device", help="default: cuda if available, else cpu")
     g.set_defaults(run=run_grounding)
 
 
 def run_grounding(args: argparse.Namespace) -> int:
     from workbench.eval.chat import load_for_inference
-    from workbench.eval.grounding import evaluate_grounding, load_queries
+    from workbench.eval.grounding import evaluate_grounding, load_queries, prepare_out_dir
+    from workbench.model.checkpoint import sha256_file
 
-    queries = load_queries(args.data, args.image_root)[:args.limit]
+    out = prepare_out_dir(args.out, args.overwrite)  # before anything slow
+    queries = load_queries(args.data, args.image_root, args.allow_outside_root)[:args.limit]
     model, tokenizer = load_for_inference(args.model, args.adapter, args.dtype, args.device)
+    about = {"model": args.model, "adapter": args.adapter, "data": args.data,
+             "data_sha256": sha256_file(Path(args.data)), "queries": len(queries)}
     report = evaluate_grounding(model, tokenizer, queries, prompt=args.prompt, batch_size=args.batch_size,
                                 max_new_tokens=args.max_new_tokens, parser=args.parser, divisor=args.divisor,
-                                out_dir=args.out, n_images=args.images)
+                                out_dir=out, n_images=args.images, about=about)
     m = report["metrics"]
     print(f"{m['n']} queries: Acc@0.5 {m['acc@0.5']:.4f}, mean IoU {m['mean_iou']:.4f}, "
-          f"unparseable answers {m['parse_failures']} ({m['parse_failure_rate']:.1%})")
-    for split, s in m["per_split"].items():
-        print(f"  {split}: Acc@0.5 {s['acc@0.5']:.4f} over {s['n']}")
-    print(f"report: {args.out}/report.json")
+          f"unparseable answers {m['parse_failures']} ({m['parse_failure_rate']:.1%}"
+          + "".join(f", {k} {v}" for k, v in m["parse_failure_kinds"].items()) + f"), wrong boxes {m['wrong_boxes']}")
+    for key in ("per_split", "per_category"):
+        for name, s in m[key].items():
+            print(f"  {key[4:]} {name}: Acc@0.5 {s['acc@0.5']:.4f} over {s['n']}")
+    print(f"report: {out / 'report.json'}")
     return 0

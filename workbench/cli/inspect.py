@@ -58,6 +58,7 @@ def format_report(report: dict) -> str:
     qdesc = (f"{q['bits']}-bit {q['quant_type'] if q['bits'] == 4 else 'int8'} of {q['modules']} linears"
              + ("" if q["applied"] else ", if the recipe quantised"))
     lines = [
+        *([f"note: {report['config_note']}"] if report.get("config_note") else []),
         f"recipe {report['recipe']} on {report['model']} ({report['dtype']}, "
         f"{t['base_params']:,} base parameters)",
         report["description"], "", *table, "",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from workbench.dtypes import TORCH_DTYPES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -14,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="base model folder or hub repo id")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder (workbench train or finetune.py)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=None,
+    p.add_argument("--dtype", choices=TORCH_DTYPES, default=None,
                    help="output dtype (default: keep each base tensor's dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB")
     p.add_argument("--verify", action="store_true",
@@ -26,9 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench.merge.merge import DTYPES, merge_adapter
+    from workbench.merge.merge import merge_adapter
 
-    report = merge_adapter(args.base, args.adapter, args.out, dtype=DTYPES.get(args.dtype),
+    report = merge_adapter(args.base, args.adapter, args.out, dtype=TORCH_DTYPES.get(args.dtype),
                    max_shard_size=args.max_shard_size, force=args.force, overwrite=args.overwrite,
                    verify=args.verify, device=args.device)
     print(f"merged {len(report['merged_modules'])} LoRA modules and "

@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from workbench.model.openclip import import_openclip, load_openclip_visual
+    from workbench.convert.openclip import import_openclip, load_openclip_visual
 
     visual = load_openclip_visual(args.model, args.weights)
     out = import_openclip(visual, args.base, args.out, resampler=args.resampler, llm=args.llm,

@@ -43,3 +43,9 @@ def format_box(box: Sequence[int]) -> str:
 
 def _to_grid(v: float, size: int) -> int:
     return min(max(math.floor(v / size * GRID), 0), GRID - 1)
+
+
+def clip_box(box: Sequence[float], width: int, height: int) -> list[float]:
+    """Clamp a pixel box into the image (COCO boxes overshoot the border by float noise)."""
+    x1, y1, x2, y2 = box
+    return [min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height)]

@@ -7,8 +7,9 @@ finetune.py does, so a genuine `<|endoftext|>` in the data stays visible.
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
-from workbench.data.labels import IGNORE
+from workbench.model.modeling import IGNORE_INDEX
 
 
 class SFTCollator:
@@ -21,16 +22,14 @@ class SFTCollator:
         if self.pad_to_multiple_of:
             width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch = {
-            "input_ids": _pad(items, "input_ids", width, self.pad_token_id),
-            "labels": _pad(items, "labels", width, IGNORE),
-            "attention_mask": torch.stack([_right_pad(torch.ones(len(it["input_ids"]), dtype=torch.long), width, 0)
-                                           for it in items]),
+            "input_ids": _pad([it["input_ids"] for it in items], width, self.pad_token_id),
+            "labels": _pad([it["labels"] for it in items], width, IGNORE_INDEX),
+            "attention_mask": _pad([torch.ones(len(it["input_ids"])) for it in items], width, 0),
         }
         if any("segment_ids" in it for it in items):
             # An unpacked item in a packed batch is one segment.
-            batch["segment_ids"] = torch.stack([
-                _right_pad(it.get("segment_ids", torch.ones(len(it["input_ids"]), dtype=torch.long)), width, 0)
-                for it in items])
+            batch["segment_ids"] = _pad([it.get("segment_ids", torch.ones(len(it["input_ids"]))) for it in items],
+                                        width, 0)
         # Image k of the batch belongs to the k-th <img> span in (row, position) order.
         pixels = [it["pixel_values"] for it in items if "pixel_values" in it and len(it["pixel_values"])]
         if pixels:
@@ -38,9 +37,7 @@ class SFTCollator:
         return batch
 
 
-def _pad(items: list[dict[str, torch.Tensor]], key: str, width: int, value: int) -> torch.Tensor:
-    return torch.stack([_right_pad(it[key].long(), width, value) for it in items])
-
-
-def _right_pad(x: torch.Tensor, width: int, value: int) -> torch.Tensor:
-    return torch.nn.functional.pad(x.long(), (0, width - len(x)), value=value)
+def _pad(rows: list[torch.Tensor], width: int, value: int) -> torch.Tensor:
+    """Right-pad int64 rows to the longest, then on to `width` (pad_to_multiple_of)."""
+    batch = pad_sequence([r.long() for r in rows], batch_first=True, padding_value=value)
+    return torch.nn.functional.pad(batch, (0, width - batch.shape[1]), value=value)

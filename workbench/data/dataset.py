@@ -16,13 +16,13 @@ import torch
 from torch.utils.data import Dataset
 
 from workbench.data.config import DataConfig
-from workbench.data.labels import Sample, tokenize
 from workbench.data.length import LengthReport, apply_length_policy
 from workbench.data.packing import concat, pack
 from workbench.data.records import Conversation, load_conversations
-from workbench.data.render import load_template, render
+from workbench.data.render import render
 from workbench.errors import DataError, WorkbenchError
 from workbench.model.image_processing import load_image, preprocess
+from workbench.prompt import Sample, load_template, tokenize
 
 MAX_LISTED_PROBLEMS = 10
 

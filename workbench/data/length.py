@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from workbench.data.labels import IGNORE, Sample
+from workbench.model.modeling import IGNORE_INDEX
+from workbench.prompt import Sample
 
 NO_LABELS = "no supervised tokens"
 FIRST_ANSWER_TOO_LONG = "longer than max_length before the end of the first answer"
@@ -47,7 +48,7 @@ def fit(sample: Sample, max_length: int, overflow: str) -> Sample | str:
                          turn_images=sample.turn_images[:keep],
                          images=sample.images[:sum(sample.turn_images[:keep])])
     # Label 0 is never predicted (the loss shifts by one), so it does not count.
-    if all(v == IGNORE for v in sample.labels[1:]):
+    if all(v == IGNORE_INDEX for v in sample.labels[1:]):
         return NO_LABELS
     return sample
 

@@ -4,14 +4,15 @@
 keeps attention inside a segment and restarts RoPE positions at 0 in each, so a packed sample
 sees exactly what it would see alone. The one thing that would leak is the loss's shift: the
 first label of a segment would be predicted from the previous sample's last token, so it is set
-to -100 (alone, position 0 is never predicted either).
+to IGNORE_INDEX (alone, position 0 is never predicted either).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from workbench.data.labels import IGNORE, Sample
+from workbench.model.modeling import IGNORE_INDEX
+from workbench.prompt import Sample
 
 
 def pack(lengths: list[int], max_length: int) -> list[list[int]]:
@@ -39,7 +40,7 @@ def concat(samples: list[Sample]) -> tuple[list[int], list[int], list[int], list
     images: list[Path] = []
     for seg, s in enumerate(samples, 1):
         ids += s.input_ids
-        labels += [IGNORE, *s.labels[1:]]
+        labels += [IGNORE_INDEX, *s.labels[1:]]
         segments += [seg] * len(s)
         images += s.images
     return ids, labels, segments, images

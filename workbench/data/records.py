@@ -1,6 +1,6 @@
-"""Data files -> `Conversation`s: both input formats, validated up front.
+"""Data files -> `Conversation`s: the one parser of every input format, validated up front.
 
-Two formats (ARCHITECTURE.md), told apart per record when `format: auto`:
+Three formats (docs/data-formats.md), told apart per record when `format: auto`:
 
 - official (QwenLM/Qwen-VL finetune.py): `{"conversations": [{"from": "user", "value": ...}]}`,
   images inline as `Picture N: <img>path</img>\\n`, boxes inline as `<ref>..</ref><box>(x1,y1),(x2,y2)</box>`
@@ -11,6 +11,12 @@ Two formats (ARCHITECTURE.md), told apart per record when `format: auto`:
   separately in user turns and in assistant turns, so "Where is <ref-object>?" -> "<ref-object><bbox>"
   names object 0 twice. A pixel box is normalised against the object's `image` (an index into
   `images`) or else the latest `<image>` before it.
+- refcoco-eval (the official Qwen-VL RefCOCO evaluation JSONL): `{"image", "sent", "bbox": pixel
+  [x1, y1, x2, y2], "height", "width"}`, read as a structured grounding sample (the first prompt of
+  data_templates/grounding.yaml, the box clamped into the image as the official script does).
+
+Training, `data check` and evaluation all read records here; evaluation takes its queries from
+`grounding_targets` (every `<ref>` followed by its boxes in an assistant turn).
 
 Every record is checked here, before any training starts, with cheap checks only: JSON syntax,
 fields, roles, boxes against the image size, image paths, and each image's header (PIL opens it
@@ -28,10 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image as PILImage
-
+from workbench.data.boxes import clip_box
 from workbench.data.config import DataConfig
-from workbench.errors import DataError
+from workbench.errors import DataError, WorkbenchError
+from workbench.model.image_processing import read_image_size
 
 SUFFIXES = (".json", ".jsonl", ".parquet")
 ROLES = ("system", "user", "assistant")
@@ -67,6 +73,7 @@ class RefSlot:
 class BoxSlot:
     boxes: tuple[tuple[float, float, float, float], ...]
     size: tuple[int, int] | None  # the image's (width, height) for pixel boxes; None: already norm1000
+    image: int | None = None      # the image the boxes are on (index into Conversation.images)
 
 
 Part = str | ImageSlot | RefSlot | BoxSlot
@@ -85,6 +92,7 @@ class Conversation:
     file: str
     record: int
     system: str | None = None   # the record's own system message, if it has one
+    meta: dict[str, Any] = field(default_factory=dict)  # the record's `meta` (split, category, ...)
 
 
 @dataclass
@@ -173,13 +181,54 @@ def parse_record(row: dict[str, Any], file: str, index: int, cfg: DataConfig,
     """One row -> Conversation, or DataError naming file, record and field."""
     fmt = cfg.format
     if fmt == "auto":
-        fmt = "official" if "conversations" in row else "structured" if "messages" in row else None
+        fmt = ("official" if "conversations" in row else "structured" if "messages" in row
+               else "refcoco_eval" if "sent" in row else None)
         if fmt is None:
-            raise DataError("no 'conversations' (official format) or 'messages' (structured format)",
-                            file=file, record=index, field="conversations")
+            raise DataError("no 'conversations' (official format), 'messages' (structured format) or "
+                            "'sent' (RefCOCO eval format)", file=file, record=index, field="conversations")
     ctx = _Context(file, index, cfg, {} if headers is None else headers,
                    Path(cfg.image_root) if cfg.image_root else Path(file).parent)
-    return _official(row, ctx) if fmt == "official" else _structured(row, ctx)
+    if fmt == "official":
+        return _official(row, ctx)
+    return _structured(_refcoco_eval(row, ctx) if fmt == "refcoco_eval" else row, ctx)
+
+
+def grounding_targets(conv: Conversation) -> list[tuple[Image, str, list[tuple[float, float, float, float]]]]:
+    """(image, ref, pixel boxes) for every `<ref>` an assistant turn follows with its boxes."""
+    from workbench.data.boxes import denormalize_box
+
+    out = []
+    for turn in conv.turns:
+        if turn.role != "assistant":
+            continue
+        for ref, boxes in zip(turn.parts, turn.parts[1:]):
+            if isinstance(ref, RefSlot) and isinstance(boxes, BoxSlot) and boxes.image is not None:
+                image = conv.images[boxes.image]
+                pixel = [tuple(b) if boxes.size else denormalize_box(b, *image.size) for b in boxes.boxes]
+                out.append((image, ref.text, pixel))
+    return out
+
+
+def refcoco_eval_row(row: dict[str, Any], file: str, index: int) -> tuple[str, str, list[float]]:
+    """(image, sentence, pixel box clamped into the image) of an official RefCOCO eval row."""
+    for key, kind in (("image", str), ("sent", str), ("bbox", list), ("height", int), ("width", int)):
+        if not isinstance(row.get(key), kind) or isinstance(row.get(key), bool):
+            raise DataError(f"missing or not a {kind.__name__}", file=file, record=index, field=key)
+    box = row["bbox"]
+    if len(box) != 4 or not all(_is_number(v) for v in box):
+        raise DataError(f"bbox must be pixel [x1, y1, x2, y2], got {box!r}", file=file, record=index, field="bbox")
+    w, h = row["width"], row["height"]
+    return row["image"], row["sent"], clip_box(box, w, h)
+
+
+def _refcoco_eval(row: dict[str, Any], ctx: _Context) -> dict[str, Any]:
+    """An official RefCOCO eval row as the structured grounding sample it stands for."""
+    from workbench.prompt import load_task_template
+
+    image, sent, box = refcoco_eval_row(row, ctx.file, ctx.record)
+    return {"images": [image], "messages": load_task_template("grounding").messages(0),
+            "objects": [{"ref": sent, "bbox": box}],
+            "meta": {"split": row.get("split"), "category": row.get("category")}}
 
 
 @dataclass
@@ -282,13 +331,15 @@ def _structured(row: dict[str, Any], ctx: _Context) -> Conversation:
         turns.append(Turn(role, tuple(parts)))
     if n_images != len(images):
         raise ctx.error(f"{len(images)} images listed but {n_images} <image> placeholders", "images")
-    return _finish(turns, images, system, ctx, "messages")
+    meta = row.get("meta")
+    return _finish(turns, images, system, ctx, "messages", meta if isinstance(meta, dict) else {})
 
 
-def _finish(turns: list[Turn], images: list[Image], system: str | None, ctx: _Context, fld: str) -> Conversation:
+def _finish(turns: list[Turn], images: list[Image], system: str | None, ctx: _Context, fld: str,
+            meta: dict[str, Any] | None = None) -> Conversation:
     if not any(t.role == "assistant" for t in turns):
         raise ctx.error("no assistant turn: nothing to learn from", fld)
-    return Conversation(tuple(turns), tuple(images), ctx.file, ctx.record, system)
+    return Conversation(tuple(turns), tuple(images), ctx.file, ctx.record, system, meta or {})
 
 
 def _boxes(obj: dict[str, Any], k: int, images: list[Image], latest: int, bbox_format: str,
@@ -302,7 +353,9 @@ def _boxes(obj: dict[str, Any], k: int, images: list[Image], latest: int, bbox_f
     if bbox_format == "norm1000":
         for b in boxes:
             _check_box(b, (1000, 1000), ctx, where, "the [0, 1000) grid", upper_inclusive=False)
-        return BoxSlot(tuple(tuple(b) for b in boxes), None)
+        on = latest if obj.get("image") is None else obj["image"]
+        known = not isinstance(on, bool) and isinstance(on, int) and 0 <= on < len(images)
+        return BoxSlot(tuple(tuple(b) for b in boxes), None, on if known else None)
     image = latest if obj.get("image") is None else obj["image"]
     if isinstance(image, bool) or not isinstance(image, int) or not 0 <= image < len(images):
         why = "no <image> comes before this <bbox>" if obj.get("image") is None else f"{image!r} is not an image index"
@@ -310,7 +363,7 @@ def _boxes(obj: dict[str, Any], k: int, images: list[Image], latest: int, bbox_f
     size = images[image].size
     for b in boxes:
         _check_box(b, size, ctx, where, f"the {size[0]}x{size[1]} image {images[image].path}", upper_inclusive=True)
-    return BoxSlot(tuple(tuple(b) for b in boxes), size)
+    return BoxSlot(tuple(tuple(b) for b in boxes), size, image)
 
 
 def _check_box(b: list[float], size: tuple[int, int], ctx: _Context, where: str, what: str,
@@ -360,12 +413,7 @@ def _image(path: str, ctx: _Context, where: str) -> Image:
 
 
 def _read_header(file: Path) -> tuple[int, int] | DataError:
-    if not file.is_file():
-        return DataError(f"image not found: {file}")
     try:
-        with PILImage.open(file) as im:
-            size = im.size
-            im.verify()  # walks the chunks / markers without decoding pixels
-        return size
-    except Exception as err:  # PIL raises many types for a broken file
-        return DataError(f"cannot read image {file}: {err}")
+        return read_image_size(file)
+    except WorkbenchError as err:
+        return DataError(str(err))

@@ -15,14 +15,15 @@ from typing import TextIO
 
 import torch
 from PIL import Image
+from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from workbench.data.boxes import denormalize_box
 from workbench.errors import CheckpointError
 from workbench.eval.draw import draw_boxes, save_png
 from workbench.eval.parse import parse_boxes
-from workbench.model.chat_format import decode_tokens, from_list_format, get_stop_words_ids, make_context
 from workbench.model.image_processing import load_image, preprocess
+from workbench.prompt import Query, decode_tokens, get_stop_words_ids, make_context
 
 
 def load_for_inference(model: str, adapter: str | None = None, dtype: str | None = None,
@@ -41,29 +42,18 @@ def load_for_inference(model: str, adapter: str | None = None, dtype: str | None
     return base, load_tokenizer(model)
 
 
-class AnswerStreamer(BaseStreamer):
-    """Writes the answer to `out` as `generate` produces it (the first `put` is the prompt)."""
+class AnswerStreamer(TextStreamer):
+    """transformers' TextStreamer writing to `out`: the answer as `generate` produces it, prompt skipped,
+    special tokens dropped except the ref/box tags, a half-finished UTF-8 character held back."""
 
     def __init__(self, tokenizer, out: TextIO | None = None):
-        self.tokenizer, self.out = tokenizer, out or sys.stdout  # looked up now: sys.stdout may be replaced
-        self.ids: list[int] | None = None
-        self.text = ""
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True, errors="ignore",
+                         keep_image_special=True)
+        self.out = out or sys.stdout  # looked up now: sys.stdout may be replaced
 
-    def put(self, value: torch.Tensor) -> None:
-        if self.ids is None:  # the prompt
-            self.ids, self.text = [], ""
-            return
-        self.ids += value.flatten().tolist()
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True, errors="ignore", keep_image_special=True)
-        if text.startswith(self.text):  # a half-finished multi-byte character decodes to nothing yet
-            self.out.write(text[len(self.text):])
-            self.out.flush()
-            self.text = text
-
-    def end(self) -> None:
-        self.out.write("\n")
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
         self.out.flush()
-        self.ids = None
 
 
 class ChatSession:
@@ -74,13 +64,15 @@ class ChatSession:
         self.model, self.tokenizer = model, tokenizer
         self.image_path = image
         self.image = load_image(image) if image is not None else None
-        self.history: list[tuple[str, str]] = []
+        self.history: list[tuple[Query, str]] = []
         self.max_new_tokens, self.do_sample = max_new_tokens, do_sample
 
     def ask(self, question: str, streamer: BaseStreamer | None = None) -> str:
-        query = question
-        if self.image_path is not None and not self.history:  # the picture goes with the first question
-            query = from_list_format([{"image": self.image_path}, {"text": question}])
+        # The typed question is text only; the picture goes with the first question as a span
+        # whose pixels are passed in, so nothing typed can make the model open a file.
+        query: list[dict[str, str]] = [{"text": question}]
+        if self.image_path is not None and not self.history:
+            query.insert(0, {"image": self.image_path})
         raw_text, ids = make_context(self.tokenizer, query, self.history)
         device = next(self.model.parameters()).device
         input_ids = torch.tensor([ids], device=device)
@@ -104,9 +96,9 @@ def unwrap(model):
 
 
 def draw_answer(answer: str, image: Image.Image, out: str | Path) -> Path | None:
-    """Draw the answer's boxes (with their refs) on `image` and save a PNG; None if it has no box."""
-    parsed = parse_boxes(answer)
+    """Draw the answer's usable boxes (with their refs) on `image` and save a PNG; None if it has none."""
+    parsed = [p for p in parse_boxes(answer) if p.problem is None]
     if not parsed:
         return None
-    boxes = [(ref, denormalize_box(box, *image.size)) for ref, box in parsed]
+    boxes = [(p.ref, denormalize_box(p.box, *image.size)) for p in parsed]
     return save_png(draw_boxes(image, boxes), out)

@@ -7,12 +7,12 @@ find a box by its colour.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from workbench.atomic import atomic_path
 from workbench.data.boxes import Box
 
 # Tableau 10 (what the official drawer samples from), as RGB.
@@ -21,9 +21,10 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 
 
 def draw_boxes(image: Image.Image, boxes: Sequence[tuple[str | None, Box]],
-               colors: Sequence[tuple[int, int, int]] | None = None, width: int | None = None) -> Image.Image:
+               colors: Sequence[tuple[int, int, int]] | None = None, width: int | None = None,
+               caption: str | None = None) -> Image.Image:
     """A copy of `image` with each (label, pixel box) outlined; one palette colour per label
-    unless `colors` gives one per box."""
+    unless `colors` gives one per box. `caption` is written in the top-left corner (e.g. "no box")."""
     out = image.convert("RGB")
     pen = ImageDraw.Draw(out)
     width = width or max(1, round(min(out.size) / 200))
@@ -37,14 +38,15 @@ def draw_boxes(image: Image.Image, boxes: Sequence[tuple[str | None, Box]],
             left, top, right, bottom = pen.textbbox((x1, y1), label, font=font)
             pen.rectangle((left, top, right, bottom), fill=color)
             pen.text((x1, y1), label, fill=(255, 255, 255), font=font)
+    if caption:
+        pen.rectangle(pen.textbbox((0, 0), caption, font=font), fill=(0, 0, 0))
+        pen.text((0, 0), caption, fill=(255, 255, 255), font=font)
     return out
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
     """Write `image` as PNG via a temporary file, so a reader never sees half a picture."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    image.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path

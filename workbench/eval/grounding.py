@@ -15,6 +15,7 @@ Prompts:
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +25,19 @@ from PIL import Image
 
 from workbench.atomic import write_json
 from workbench.data.boxes import GRID, Box, denormalize_box
-from workbench.data.convert.refcoco import read_official_jsonl
-from workbench.data.records import iter_rows
-from workbench.data.render import load_task_template
-from workbench.errors import DataError
+from workbench.data.config import DataConfig
+from workbench.data.records import grounding_targets, load_conversations
+from workbench.errors import DataError, WorkbenchError
 from workbench.eval.chat import unwrap
 from workbench.eval.draw import draw_boxes, save_png
 from workbench.eval.metrics import Scored, score, summarize
-from workbench.eval.parse import parse_boxes, parse_official, pick_box
-from workbench.model.chat_format import from_list_format, get_stop_words_ids, make_context
+from workbench.eval.parse import failure, parse_boxes, parse_official, pick_box
 from workbench.model.image_processing import load_image, preprocess
+from workbench.prompt import from_list_format, get_stop_words_ids, load_task_template, make_context
 
 OFFICIAL_PROMPT = "<img>{image}</img><ref>{sent}</ref><box>"
+OFFICIAL_MAX_NEW_TOKENS = 28  # eval_mm/evaluate_grounding.py
+CHAT_MAX_NEW_TOKENS = 128
 GT_COLOR, PRED_COLOR = (0, 200, 0), (230, 0, 0)
 
 
@@ -51,61 +53,24 @@ class Query:
     category: str | None = None
 
 
-def load_queries(path: str | Path, image_root: str | Path | None = None) -> list[Query]:
-    """Queries of a structured data file or an official RefCOCO eval JSONL.
+def load_queries(path: str | Path, image_root: str | Path | None = None,
+                 allow_outside_root: bool = False) -> list[Query]:
+    """Queries of a data file in any of the formats training reads (data/records.py), or the
+    official RefCOCO eval JSONL: every `<ref>` an assistant turn follows with its boxes.
 
-    Relative image paths are resolved against `image_root`, else the data file's folder
-    (as training data is), else the cwd (as the official script does).
+    Image paths follow the training rule: relative to `image_root`, else the data file's folder,
+    and kept inside it unless `allow_outside_root`.
     """
-    path = Path(path)
-    roots = [Path(image_root)] if image_root else [path.parent, Path.cwd()]
-    first = next(iter_rows(path), (0, {}))[1]
-    if isinstance(first, dict) and "sent" in first:
-        return [Query(r["image"], _find(r["image"], roots, str(path), i), r["sent"], [tuple(r["bbox"])])
-                for i, r in enumerate(read_official_jsonl(path))]
-    queries = []
-    for i, row in iter_rows(path):
-        if isinstance(row, DataError):
-            raise row
-        queries += _structured_queries(row, roots, str(path), i)
+    cfg = DataConfig(train=(str(path),), image_root=None if image_root is None else str(image_root),
+                     allow_outside_root=allow_outside_root)
+    loaded = load_conversations([str(path)], cfg)
+    if loaded.problems:
+        raise loaded.problems[0]
+    queries = [Query(image.path, image.file, ref, boxes, conv.meta.get("split"), conv.meta.get("category"))
+               for conv in loaded.conversations for image, ref, boxes in grounding_targets(conv)]
     if not queries:
         raise DataError("no grounding queries (objects with a ref and a bbox)", file=str(path))
     return queries
-
-
-def _structured_queries(row: dict, roots: list[Path], file: str, index: int) -> list[Query]:
-    images = row.get("images") or []
-    if not isinstance(images, list) or not images or not all(isinstance(p, str) for p in images):
-        raise DataError("expected a non-empty list of image paths", file=file, record=index, field="images")
-    meta = row.get("meta") if isinstance(row.get("meta"), dict) else {}
-    out = []
-    for k, obj in enumerate(row.get("objects") or []):
-        where = f"objects[{k}]"
-        if not isinstance(obj, dict) or not isinstance(obj.get("ref"), str) or not isinstance(obj.get("bbox"), list):
-            raise DataError("expected {ref, bbox}", file=file, record=index, field=where)
-        k_image = obj.get("image", 0)
-        if isinstance(k_image, bool) or not isinstance(k_image, int) or not 0 <= k_image < len(images):
-            raise DataError(f"{k_image!r} is not an index into images", file=file, record=index, field=f"{where}.image")
-        image = images[k_image]
-        boxes = obj["bbox"] if obj["bbox"] and isinstance(obj["bbox"][0], list) else [obj["bbox"]]
-        if not all(len(b) == 4 and all(isinstance(v, (int, float)) for v in b) for b in boxes):
-            raise DataError(f"expected [x1, y1, x2, y2] boxes, got {obj['bbox']!r}", file=file, record=index,
-                            field=f"{where}.bbox")
-        found = _find(image, roots, file, index)
-        if row.get("bbox_format") == "norm1000":
-            with Image.open(found) as im:
-                boxes = [denormalize_box(b, *im.size) for b in boxes]
-        out.append(Query(image, found, obj["ref"], [tuple(b) for b in boxes],
-                         meta.get("split"), meta.get("category")))
-    return out
-
-
-def _find(image: str, roots: list[Path], file: str, index: int) -> Path:
-    for root in roots:
-        if (root / image).is_file():
-            return root / image
-    raise DataError(f"image {image} not found under {', '.join(map(str, roots))}", file=file, record=index,
-                    field="image")
 
 
 def prompt_ids(tokenizer, image: str, phrase: str, prompt: str = "official") -> list[int]:
@@ -144,15 +109,37 @@ def generate_answers(model, tokenizer, prompts: Sequence[list[int]], images: Seq
     return answers
 
 
+def prepare_out_dir(out: str | Path, overwrite: bool) -> Path:
+    """An evaluation folder that holds no earlier report: refused unless `overwrite`, then cleared,
+    so no PNG of an older run is left beside the new report."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError(f"--out {out}: is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise WorkbenchError(f"--out {out}: already holds files (an earlier report?); pass --overwrite "
+                                 "to replace them or choose another folder")
+        shutil.rmtree(out)
+    return out
+
+
+def default_max_new_tokens(prompt: str) -> int:
+    """The official protocol's 28 tokens fit one box; a chat answer repeats the ref and may hold several."""
+    return OFFICIAL_MAX_NEW_TOKENS if prompt == "official" else CHAT_MAX_NEW_TOKENS
+
+
 def evaluate_grounding(model, tokenizer, queries: Sequence[Query], *, prompt: str = "official",
-                       batch_size: int = 8, max_new_tokens: int = 28, parser: str = "robust",
-                       divisor: int = GRID, out_dir: str | Path | None = None, n_images: int = 16) -> dict:
+                       batch_size: int = 8, max_new_tokens: int | None = None, parser: str = "robust",
+                       divisor: int = GRID, out_dir: str | Path | None = None, n_images: int = 16,
+                       about: dict | None = None) -> dict:
     """Generate, parse, score. Returns the report (metrics + per-sample results) and, with
     `out_dir`, writes `report.json` and `samples/NNNN.png` (true box green, predicted red) for
     the first `n_images` queries. `parser="official"` and `divisor=999` reproduce published numbers.
+    `about` (model, adapter, data and its sha256) is recorded in the report as it is.
     """
     if parser not in ("robust", "official"):
         raise DataError(f"unknown parser {parser!r} (robust or official)", field="parser")
+    max_new_tokens = max_new_tokens or default_max_new_tokens(prompt)
     results: list[Scored] = []
     official = prompt == "official"
     for start in range(0, len(queries), batch_size):
@@ -162,13 +149,19 @@ def evaluate_grounding(model, tokenizer, queries: Sequence[Query], *, prompt: st
                                    images, max_new_tokens=max_new_tokens, min_new_tokens=10 if official else 0,
                                    stop_words=not official)
         for q, image, answer in zip(batch, images, answers):
-            grid = parse_official(answer) if parser == "official" else pick_box(parse_boxes(answer), q.phrase)
+            if parser == "official":
+                grid, why = parse_official(answer), "no box"
+            else:
+                parsed = parse_boxes(answer)
+                grid, why = pick_box(parsed, q.phrase), failure(parsed)
             r = score(grid, q.gt, *image.size, ref=q.phrase, answer=answer, divisor=divisor, split=q.split,
-                      category=q.category, image=q.image)
+                      category=q.category, image=q.image, failure=why)
             if out_dir is not None and len(results) < n_images:
                 _draw_result(image, r, Path(out_dir) / "samples" / f"{len(results):04d}.png")
             results.append(r)
-    report = {"settings": {"prompt": prompt, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+    report = {"about": about or {},
+              "settings": {"prompt": prompt, "batch_size": batch_size, "max_new_tokens": max_new_tokens,
+                           "min_new_tokens": 10 if official else 0, "greedy": True,
                            "parser": parser, "divisor": divisor},
               "metrics": summarize(results), "samples": [r.to_json() for r in results]}
     if out_dir is not None:
@@ -179,7 +172,8 @@ def evaluate_grounding(model, tokenizer, queries: Sequence[Query], *, prompt: st
 def _draw_result(image: Image.Image, r: Scored, path: Path) -> None:
     boxes = [(f"true: {r.ref}", g) for g in r.gt] + ([(f"pred IoU {r.iou:.2f}", r.pred)] if r.pred else [])
     colors = [GT_COLOR] * len(r.gt) + [PRED_COLOR] * (r.pred is not None)
-    save_png(draw_boxes(image, boxes, colors), path)
+    caption = None if r.pred is not None else f"no box ({r.failure})" if r.failure != "no box" else "no box"
+    save_png(draw_boxes(image, boxes, colors, caption=caption), path)
 
 
 def ground(model, tokenizer, image: str | Path | Image.Image, phrase: str, *, prompt: str = "chat",
@@ -192,6 +186,6 @@ def ground(model, tokenizer, image: str | Path | Image.Image, phrase: str, *, pr
     name = "image" if isinstance(image, Image.Image) else Path(image).name  # text only: pixels go in as pixel_values
     [answer] = generate_answers(model, tokenizer, [prompt_ids(tokenizer, name, phrase, prompt)], [picture],
                                 max_new_tokens=max_new_tokens, stop_words=prompt != "official")
-    parsed = parse_boxes(answer)
+    parsed = [p for p in parse_boxes(answer) if p.problem is None]
     mine = [p for p in parsed if p.ref is not None and p.ref.lower() == phrase.strip().lower()]
     return [denormalize_box(p.box, *picture.size) for p in (mine or parsed)]

@@ -43,6 +43,7 @@ class Scored:
     split: str | None = None
     category: str | None = None
     image: str | None = None
+    failure: str | None = None  # why `pred` is None: no box, cut box, inverted box, outside the grid
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -50,15 +51,16 @@ class Scored:
 
 def score(pred_grid: Box | None, gt: Sequence[Box], width: int, height: int, *, ref: str, answer: str,
           divisor: int = GRID, split: str | None = None, category: str | None = None,
-          image: str | None = None) -> Scored:
+          image: str | None = None, failure: str | None = None) -> Scored:
     """Score a grid-coordinate prediction against pixel ground truth (best IoU over `gt` boxes).
 
-    `divisor=999` reproduces the official RefCOCO numbers (spec §9); 1000 matches training data.
+    `divisor=999` reproduces the official RefCOCO numbers (docs/qwen-vl.md §9); 1000 matches training data.
     """
     pred = None if pred_grid is None else denormalize_box(pred_grid, width, height, divisor=divisor)
     best = max((iou(pred, g) for g in gt), default=0.0) if pred is not None else 0.0
     return Scored(ref=ref, answer=answer, gt=[tuple(g) for g in gt], pred=pred, iou=best,
-                  correct=best >= ACC_IOU, split=split, category=category, image=image)
+                  correct=best >= ACC_IOU, split=split, category=category, image=image,
+                  failure=None if pred is not None else failure or "no box")
 
 
 def summarize(results: Iterable[Scored]) -> dict:
@@ -76,11 +78,15 @@ def summarize(results: Iterable[Scored]) -> dict:
 
 def _group_stats(results: list[Scored]) -> dict:
     n = len(results)
-    failures = sum(r.pred is None for r in results)
+    failures = [r.failure for r in results if r.pred is None]
+    parsed = [r for r in results if r.pred is not None]
     return {
         "n": n,
         "acc@0.5": sum(r.correct for r in results) / n if n else 0.0,
         "mean_iou": sum(r.iou for r in results) / n if n else 0.0,
-        "parse_failures": failures,
-        "parse_failure_rate": failures / n if n else 0.0,
+        "parse_failures": len(failures),
+        "parse_failure_rate": len(failures) / n if n else 0.0,
+        "parse_failure_kinds": {kind: failures.count(kind) for kind in sorted(set(failures))},
+        # among the answers that gave a usable box: how many were wrong (the other way to miss)
+        "wrong_boxes": sum(not r.correct for r in parsed),
     }

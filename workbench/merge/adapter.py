@@ -28,7 +28,7 @@ from peft.utils.other import get_pattern_key
 
 from workbench.errors import CheckpointError
 from workbench.model.checkpoint import load_weight_file
-from workbench.train.record import CHECKPOINT_PREFIX, RECORD_NAME
+from workbench.run_folder import read_record
 
 PREFIX = "base_model.model."
 MHA_OUT_PROJ = ".base_layer.out_proj"  # PEFT's path of an nn.MultiheadAttention's wrapped out_proj
@@ -73,7 +73,7 @@ def read_adapter(adapter_dir: str | Path, base_keys: set[str]) -> Adapter:
     weights_file = _find_weights(adapter_dir)
     tensors = load_weight_file(weights_file)
     adapter = Adapter(adapter_dir, weights_file, config)
-    adapter.run_record_file, adapter.run_record = _read_run_record(adapter_dir)
+    adapter.run_record_file, adapter.run_record = read_record(adapter_dir)
 
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
@@ -186,15 +186,3 @@ def _find_weights(adapter_dir: Path) -> Path:
         if (adapter_dir / name).is_file():
             return adapter_dir / name
     raise CheckpointError(f"{adapter_dir}: no {' or '.join(WEIGHT_FILES)}")
-
-
-def _read_run_record(adapter_dir: Path) -> tuple[Path | None, dict | None]:
-    # A trainer checkpoint-N folder holds an adapter too; its run record is in the run folder above.
-    folder = adapter_dir.parent if adapter_dir.name.startswith(CHECKPOINT_PREFIX) else adapter_dir
-    path = folder / RECORD_NAME
-    if not path.is_file():
-        return None, None
-    try:
-        return path, json.loads(path.read_text())
-    except ValueError as err:
-        raise CheckpointError(f"{path}: run record is not valid JSON ({err})") from err

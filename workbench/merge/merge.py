@@ -17,13 +17,12 @@ from pathlib import Path
 
 import torch
 
+from workbench.atomic import write_json
+from workbench.dtypes import FLAG_DTYPES, dtype_flag
 from workbench.errors import CheckpointError, WorkbenchError
 from workbench.merge.adapter import Adapter, LoraDelta, read_adapter
 from workbench.merge.report import build_report, check_base_fingerprint, write_report
 from workbench.model import checkpoint
-
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-PRECISION_FLAGS = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
@@ -139,13 +138,12 @@ def _publish(tmp: Path, out: Path) -> None:
 def _set_config_dtype(config_path: Path, dtype: torch.dtype) -> None:
     """Record the new dtype: `torch_dtype`, and move a forced bf16/fp16/fp32 flag with it.
 
-    All three flags false means "pick by hardware" (spec §5.9); that choice is left alone.
+    All three flags false means "pick by hardware" (docs/qwen-vl.md §5.9); that choice is left alone.
     """
     config = json.loads(config_path.read_text())
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
-    flags = list(PRECISION_FLAGS.values())
-    if any(config.get(flag) for flag in flags):
-        for flag in flags:
-            config[flag] = flag == PRECISION_FLAGS[dtype]
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    if any(config.get(flag) for flag in FLAG_DTYPES):
+        for flag in FLAG_DTYPES:
+            config[flag] = flag == dtype_flag(dtype)
+    write_json(config_path, config)
 

@@ -1,6 +1,6 @@
 """Model folders: resolve, read weights shard by shard, write sharded copies, fingerprint.
 
-Three weight layouts are read (spec §8.4), first match wins: `model.safetensors`,
+Three weight layouts are read (docs/qwen-vl.md §8.4), first match wins: `model.safetensors`,
 `model.safetensors.index.json` + shards, `pytorch_model.bin.index.json` + `.bin` shards
 (torch-saved plain dicts; also a lone `pytorch_model.bin`). `load_model` builds the model on
 the meta device and assigns each shard's tensors as it is read, so the 9.6B release never
@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +22,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
+from transformers.utils.hub import convert_file_size_to_int
 
 from workbench.atomic import write_json
+from workbench.dtypes import TORCH_DTYPES
 from workbench.errors import CheckpointError
 from workbench.model.config import QWenConfig, load_config, precision_dtype
 
@@ -32,20 +35,84 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = (SAFE_INDEX, BIN_INDEX)
 
 
+# The small files (config.json, generation_config.json) of the releases, shipped with the package so
+# that `inspect` works offline; hub folder names as huggingface_hub caches them (Qwen--Qwen-VL-Chat).
+RELEASES_DIR = Path(__file__).resolve().parent / "releases"
+HUB_HOST = ("huggingface.co", 443)
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def resolve_model_dir(path_or_repo: str | os.PathLike) -> Path:
-    """A local folder as is; anything else is taken as a hub repo id and downloaded (cached)."""
+    """A local folder as is; a hub repo id from the local cache, else downloaded.
+
+    Fails within seconds, with one line saying what to do, when the name is neither a folder nor a
+    repo id, when the hub is unreachable, or offline (HF_HUB_OFFLINE=1) with nothing cached.
+    """
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path}: is a file; a model folder (config.json + weights) is expected")
-    try:
-        from huggingface_hub import snapshot_download
+    repo = str(path_or_repo)
+    cached = _cached_snapshot(repo)
+    if cached is not None:
+        return cached
+    _check_hub(repo)
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path_or_repo)))
-    except Exception as e:  # offline, unknown repo, bad id: all mean "no such model" to the user
-        raise CheckpointError(f"{path_or_repo}: no such local folder, and downloading it as a hub repo "
-                              f"failed ({type(e).__name__}: {e})") from None
+    try:
+        return Path(snapshot_download(repo))
+    except Exception as e:  # unknown repo, gated, network lost mid-way: all mean "no such model" here
+        raise CheckpointError(f"{repo}: downloading it from the hub failed ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def resolve_config_dir(path_or_repo: str | os.PathLike) -> tuple[Path, str | None]:
+    """A folder with the model's config.json, and a note when it is the package's copy of a release.
+
+    Needs no weights: a local folder, a cached hub snapshot, the shipped release configs, or a
+    download of the repo's small JSON files.
+    """
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path, None
+    repo = str(path_or_repo)
+    cached = _cached_snapshot(repo)
+    if cached is not None:
+        return cached, None
+    shipped = RELEASES_DIR / repo.replace("/", "--")
+    if (shipped / "config.json").is_file():
+        return shipped, f"using the config.json of {repo} shipped with the workbench (no weights are read)"
+    return resolve_model_dir(repo), None
+
+
+def _cached_snapshot(repo: str) -> Path | None:
+    if not _REPO_ID.fullmatch(repo):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo, local_files_only=True))
+    except Exception:  # not cached (or a partial cache): not an error yet
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def _check_hub(repo: str) -> None:
+    """Refuse at once what cannot be downloaded, instead of minutes of hub retries."""
+    if not _REPO_ID.fullmatch(repo) or repo.startswith((".", "~")):
+        raise CheckpointError(f"{repo}: no such model folder (and not a hub repo id like Qwen/Qwen-VL-Chat)")
+    from huggingface_hub import constants
+
+    fix = (f"download it where there is network (huggingface-cli download {repo} --local-dir DIR) "
+           "and point model: at DIR")
+    if constants.HF_HUB_OFFLINE:
+        raise CheckpointError(f"{repo}: not in the local hub cache and HF_HUB_OFFLINE is set; {fix}")
+    try:
+        socket.create_connection(HUB_HOST, timeout=3).close()
+    except OSError as err:
+        raise CheckpointError(f"{repo}: not in the local hub cache and the hub ({HUB_HOST[0]}) is unreachable "
+                              f"({err.strerror or err}); {fix}") from None
 
 
 def _read_index(path: Path) -> dict[str, Path]:
@@ -108,9 +175,9 @@ def _shard(tensors: dict[str, torch.Tensor], keys: list[str], path: Path) -> dic
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    value = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(value, torch.dtype):
-        raise CheckpointError(f"unknown dtype {dtype!r} (use bfloat16, float16 or float32)")
+    value = TORCH_DTYPES.get(str(dtype).removeprefix("torch."))
+    if value is None:
+        raise CheckpointError(f"unknown dtype {dtype!r} (use {', '.join(TORCH_DTYPES)})")
     return value
 
 
@@ -130,7 +197,7 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
                device: str | torch.device = "cpu"):
     """QWenLMHeadModel from a model folder (or hub id), strict, in eval mode.
 
-    `dtype` wins over the config's bf16/fp16/fp32 flags; None lets them decide (§5.9).
+    `dtype` wins over the config's bf16/fp16/fp32 flags; None lets them decide (docs/qwen-vl.md §5.9).
     """
     from transformers import GenerationConfig
 
@@ -159,14 +226,11 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
 
 
 def parse_size(size: int | str) -> int:
-    """2GB / 500MB / 1GiB / 1000 -> bytes (GB = 10**9 as in transformers)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, flags=re.IGNORECASE)
-    if not match:
-        raise ValueError(f"cannot read shard size {size!r} (e.g. 2GB, 500MB)")
-    units = {"kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
-    return int(float(match[1]) * units.get((match[2] or "").lower(), 1))
+    """2GB / 500MB / 1GiB / 1000 -> bytes, as transformers reads max_shard_size (GB = 10**9)."""
+    try:
+        return convert_file_size_to_int(size.strip().upper() if isinstance(size, str) else size)
+    except (ValueError, TypeError):
+        raise ValueError(f"cannot read shard size {size!r} (e.g. 2GB, 500MB)") from None
 
 
 class ShardWriter:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedConfig
 
+from workbench.dtypes import FLAG_DTYPES
 from workbench.errors import CheckpointError
 
 # Field names owned by transformers' PreTrainedConfig that the release file also carries.
@@ -84,7 +85,7 @@ class QWenConfig(PreTrainedConfig):
         out["model_type"] = self.model_type
         dtype = self.dtype
         out["torch_dtype"] = str(dtype).removeprefix("torch.") if dtype is not None else "bfloat16"
-        return json.loads(json.dumps(out))  # deep copy, JSON types only
+        return json.loads(json.dumps(out, default=str))  # deep copy, JSON types only (a Path as text)
 
     @property
     def head_dim(self) -> int:
@@ -115,12 +116,12 @@ def load_config(model_dir: str | Path) -> QWenConfig:
 
 
 def precision_dtype(config: QWenConfig, config_file: str | Path = "config.json") -> torch.dtype:
-    """§5.9: one of bf16/fp16/fp32 decides; none set -> bf16 on capable CUDA, else fp16 (cc >= 7), else fp32."""
-    flags = [name for name in ("bf16", "fp16", "fp32") if getattr(config, name)]
+    """docs/qwen-vl.md §5.9: one of bf16/fp16/fp32 decides; none set -> bf16 on capable CUDA, else fp16 (cc >= 7), else fp32."""
+    flags = [name for name in FLAG_DTYPES if getattr(config, name)]
     if len(flags) > 1:
         raise CheckpointError(f"{config_file}: at most one of bf16/fp16/fp32 may be true, got {flags}")
     if flags:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[flags[0]]
+        return FLAG_DTYPES[flags[0]]
     if torch.cuda.is_available():
         if torch.cuda.is_bf16_supported():
             return torch.bfloat16

@@ -1,4 +1,4 @@
-"""Image loading and preprocessing exactly as the release's `visual.image_transform` (spec §3).
+"""Image loading and preprocessing exactly as the release's `visual.image_transform` (docs/qwen-vl.md §3).
 
 PIL does the resize: bit-exact pixels need PIL's antialiased bicubic, which tensor resizes do
 not reproduce. The image is squashed to a square and EXIF orientation is ignored, as in the
@@ -35,6 +35,20 @@ def load_image(path: str | Path, root: str | Path | None = None) -> Image.Image:
         raise WorkbenchError(f"image not found: {path}{where}") from None
     except OSError as e:
         raise WorkbenchError(f"cannot read image {full}: {e}") from None
+
+
+def read_image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the header; `verify()` walks the file's chunks without decoding pixels."""
+    path = Path(path)
+    if not path.is_file():
+        raise WorkbenchError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            size = image.size
+            image.verify()
+        return size
+    except Exception as err:  # PIL raises many types for a broken file
+        raise WorkbenchError(f"cannot read image {path}: {err}") from None
 
 
 def preprocess(image: Image.Image, image_size: int) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""QWenLMHeadModel: the Qwen-VL-Chat model (spec §5), with release parameter names.
+"""QWenLMHeadModel: the Qwen-VL-Chat model (docs/qwen-vl.md §5), with release parameter names.
 
-Differences from the release that change no golden output (spec "workbench rules"):
+Differences from the release that change no golden output (docs/qwen-vl.md, "workbench rule"):
 * the NTK alpha is computed from the current call only and carried on the KV cache
   (`cache.ntk_alpha`) for decoding, never leaked from an earlier call into training;
 * images can come as `pixel_values` [K,3,S,S] instead of paths inside the ids;
@@ -80,7 +80,7 @@ def span_path(input_ids: torch.Tensor, row: int, a: int, b: int, img_pad_id: int
 
 def additive_mask(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, seq_len: int,
                   past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-    """§5.6: the sum of additive masks with finfo.min entries (two of them add up to -inf).
+    """docs/qwen-vl.md §5.6: the sum of additive masks with finfo.min entries (two of them add up to -inf).
 
     None when plain causal attention is exact: a prefill with no padding and no packing. The
     attention then asks SDPA for `is_causal`, which lets it pick its flash kernels on the GPU
@@ -145,7 +145,7 @@ class QWenModel(QWenPreTrainedModel):
 
     def _image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
                         ) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
-        """§5.7: features of every span (row-major), the training dummy, or nothing."""
+        """docs/qwen-vl.md §5.7: features of every span (row-major), the training dummy, or nothing."""
         spans = find_image_spans(input_ids, self.config.image_start_id)
         if pixel_values is not None and pixel_values.shape[0] != len(spans):
             raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but input_ids hold "
@@ -221,7 +221,7 @@ class QWenModel(QWenPreTrainedModel):
 
 
 class StopWordsLogitsProcessor(LogitsProcessor):
-    """Forces eos right after any stop sequence (§6.2): its eos score becomes 2**15."""
+    """Forces eos right after any stop sequence (docs/qwen-vl.md §6.2): its eos score becomes 2**15."""
 
     def __init__(self, stop_words_ids: list[list[int]], eos_token_id: int):
         self.stop_words_ids = [ids for ids in stop_words_ids if ids != [eos_token_id]]

@@ -1,4 +1,4 @@
-"""The Qwen-7B decoder pieces (spec §5.2-§5.6): RMSNorm, rotary with dynamic NTK, log-n, attention, MLP.
+"""The Qwen-7B decoder pieces (docs/qwen-vl.md §5.2-docs/qwen-vl.md §5.6): RMSNorm, rotary with dynamic NTK, log-n, attention, MLP.
 
 Attention runs through `F.scaled_dot_product_attention` with the release's ADDITIVE float
 masks (finfo.min, not -inf and not boolean: padded query rows then stay finite exactly as in

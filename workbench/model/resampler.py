@@ -1,4 +1,4 @@
-"""The position-aware cross-attention resampler (`attn_pool`, spec §4.5) and its position tables.
+"""The position-aware cross-attention resampler (`attn_pool`, docs/qwen-vl.md §4.5) and its position tables.
 
 256 learned queries attend once over the ViT patch tokens. `attn` is a real
 `nn.MultiheadAttention` so that PEFT can put LoRA on it (the release uses one too, with its
@@ -60,6 +60,6 @@ class Resampler(nn.Module):
         pos_k = get_abs_pos(self.pos_embed, x.size(1))
         kv = self.ln_kv(self.kv_proj(x)).permute(1, 0, 2)  # sequence-first, as nn.MultiheadAttention wants
         q = self.ln_q(self.query).unsqueeze(1).expand(-1, kv.shape[1], -1)
-        # Queries take the unresized table, keys the resized one, values none (§4.5).
+        # Queries take the unresized table, keys the resized one, values none (docs/qwen-vl.md §4.5).
         out = self.attn(q + self.pos_embed.unsqueeze(1), kv + pos_k.unsqueeze(1), kv, need_weights=False)[0]
         return out.permute(1, 0, 2)

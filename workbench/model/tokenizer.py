@@ -1,4 +1,4 @@
-"""QWenTokenizer: the release's tiktoken BPE, special tokens and 258-id image spans (spec §2).
+"""QWenTokenizer: the release's tiktoken BPE, special tokens and 258-id image spans (docs/qwen-vl.md §2).
 
 A plain class on top of `tiktoken.Encoding` (not a transformers PreTrainedTokenizer, whose
 internals transformers 5 reworked). Every id is derived from `qwen.tiktoken`: the special
@@ -19,6 +19,7 @@ import tiktoken
 import torch
 from transformers import BatchEncoding
 
+from workbench.atomic import write_bytes, write_json
 from workbench.errors import CheckpointError, DataError
 
 VOCAB_FILE = "qwen.tiktoken"
@@ -72,7 +73,7 @@ def write_tiktoken_bpe(ranks: dict[bytes, int], path: str | Path) -> Path:
     path = Path(path)
     lines = (base64.b64encode(token) + b" " + str(rank).encode() for token, rank in
              sorted(ranks.items(), key=lambda item: item[1]))
-    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    write_bytes(path, b"".join(line + b"\n" for line in lines))
     return path
 
 
@@ -125,8 +126,13 @@ class QWenTokenizer:
     # ---- files ----------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, **overrides) -> QWenTokenizer:
-        """Load `qwen.tiktoken` (+ `tokenizer_config.json` if present) from a model folder."""
+    def from_pretrained(cls, model_dir: str | Path, *args, **overrides) -> QWenTokenizer:
+        """Load `qwen.tiktoken` (+ `tokenizer_config.json` if present) from a model folder.
+
+        Keyword arguments other than model_max_length / padding_side / errors are the loader options
+        transformers' AutoTokenizer passes along (`_from_auto`, `trust_remote_code`, ...): ignored.
+        """
+        overrides = {k: v for k, v in overrides.items() if k in ("model_max_length", "padding_side", "errors")}
         model_dir = Path(model_dir)
         vocab = model_dir / VOCAB_FILE
         if not vocab.is_file():
@@ -155,7 +161,7 @@ class QWenTokenizer:
         config = {"tokenizer_class": "QWenTokenizer", **self._config,
                   "model_max_length": self.model_max_length, "padding_side": self.padding_side}
         config_path = out_dir / CONFIG_FILE
-        config_path.write_text(json.dumps(config, indent=1, ensure_ascii=False) + "\n")
+        write_json(config_path, config, indent=1)
         return write_tiktoken_bpe(self.mergeable_ranks, out_dir / VOCAB_FILE), config_path
 
     # ---- sizes ----------------------------------------------------------------------------------
@@ -192,7 +198,7 @@ class QWenTokenizer:
         special = [self._id_to_special[i] for i in inner if i in self._id_to_special]
         if special:
             raise ImageSpanError(f"special token {special[0]} inside {IMG_START}..{IMG_END}")
-        # Byte b becomes id b (the token at rank b), not the id of the token spelling b (§2.4).
+        # Byte b becomes id b (the token at rank b), not the id of the token spelling b (docs/qwen-vl.md §2.4).
         path = self.encoding.decode_bytes(inner)
         if len(path) > IMG_TOKEN_SPAN:
             raise ImageSpanError(
@@ -227,10 +233,10 @@ class QWenTokenizer:
 
     def decode(self, ids: int | Iterable[int] | torch.Tensor, skip_special_tokens: bool = False,
                errors: str | None = None, keep_image_special: bool = False) -> str:
-        """Ids -> text; image spans come back as `<img>path</img>` (spec §2.4).
+        """Ids -> text; image spans come back as `<img>path</img>` (docs/qwen-vl.md §2.4).
 
         Unlike the original, malformed spans and ids past the vocabulary never raise with
-        errors="replace" (the workbench rule in §2.4): generation can stop anywhere.
+        errors="replace" (the workbench rule in docs/qwen-vl.md §2.4): generation can stop anywhere.
         """
         errors = errors or self.errors
         if isinstance(ids, torch.Tensor):

@@ -1,4 +1,4 @@
-"""The ViT-bigG-style vision tower (`transformer.visual`, spec §4.1-§4.4)."""
+"""The ViT-bigG-style vision tower (`transformer.visual`, docs/qwen-vl.md §4.1-docs/qwen-vl.md §4.4)."""
 
 from __future__ import annotations
 

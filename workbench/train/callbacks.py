@@ -20,6 +20,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from workbench.atomic import write_text
+
 
 class ProgressBar(TrainerCallback):
     """One tqdm bar over optimizer steps: ETA from tqdm, loss and tokens/s from the logs."""
@@ -68,7 +70,7 @@ class MetricsLogger(TrainerCallback):
             # After a resume, drop what the interrupted session logged past its last checkpoint,
             # so the file reads as one run.
             kept = [line for line in read_metrics(self.path) if line.get("step", 0) <= state.global_step]
-            self.path.write_text("".join(json.dumps(line) + "\n" for line in kept), encoding="utf-8")
+            write_text(self.path, "".join(json.dumps(line) + "\n" for line in kept))
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                logs: dict[str, Any] | None = None, **kw: Any):

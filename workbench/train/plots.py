@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+
+from workbench.atomic import atomic_path  # noqa: E402
 
 
 def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "") -> bool:
@@ -40,8 +41,7 @@ def plot_loss_curve(metrics: list[dict[str, Any]], path: Path, title: str = "") 
     if title:
         ax.set_title(title)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    os.replace(tmp, path)
     return True

@@ -15,57 +15,70 @@ import yaml
 import workbench
 from workbench.atomic import write_text
 from workbench.errors import WorkbenchError
-from workbench.model.checkpoint import sha256_file
+from workbench.run_folder import METRICS_NAME, PLOT_NAME, RECORD_NAME, checkpoints, data_fingerprint
 
 if TYPE_CHECKING:
     from workbench.train.config import RunConfig
-
-RECORD_NAME = "workbench_run.json"
-RESOLVED_CONFIG_NAME = "config.resolved.yaml"
-METRICS_NAME = "metrics.jsonl"
-PLOT_NAME = "loss_curve.png"
-CHECKPOINT_PREFIX = "checkpoint-"
-
 
 def write_yaml(path: Path, data: Any) -> None:
     write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
 
 
-def data_fingerprint(files: list[Path]) -> dict[str, str]:
-    """sha256 of each data file, keyed by the path as configured."""
-    return {str(path): sha256_file(Path(path)) for path in files}
+def check_output_dir(output_dir: Path, *, resume: bool) -> Path | None:
+    """Check the run folder before anything slow, creating nothing; returns the checkpoint to resume from.
 
-
-def checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoint-N folders in step order (trainer_state.json is written last, so a folder
-    without it is a save that was cut short)."""
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*")
-             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-
-
-def prepare_output_dir(output_dir: Path, *, resume: bool) -> Path | None:
-    """Create and check the run folder before anything slow; returns the checkpoint to resume from.
-
-    Fails early (not after hours of training) when the folder cannot be written, when a started
-    run would be overwritten without --resume, or when --resume has nothing to resume from.
+    Fails early (not after the weights have loaded) when the folder cannot be created or written,
+    when a started run would be overwritten without --resume, or when --resume has nothing to
+    resume from (an incomplete checkpoint-N, cut short by a crash, never counts).
     """
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=output_dir, prefix=".write-probe-"):
-            pass
-    except OSError as err:
-        raise WorkbenchError(f"train.output_dir: cannot write to {output_dir}: {err.strerror or err}") from None
-    found = checkpoints(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise WorkbenchError(f"train.output_dir: {output_dir} is a file, not a folder")
+    found = checkpoints(output_dir) if output_dir.is_dir() else []
     if resume:
         if not found:
-            raise WorkbenchError(f"--resume: no checkpoint-N folder in {output_dir} to resume from")
-        return found[-1]
-    if found or (output_dir / RECORD_NAME).exists():
+            raise WorkbenchError(f"--resume: no complete checkpoint-N folder in {output_dir} to resume from")
+    elif found or (output_dir / RECORD_NAME).exists():
         raise WorkbenchError(
             f"train.output_dir: {output_dir} already holds a run; add --resume to continue it, "
             "or choose another train.output_dir")
-    return None
+    # The nearest folder that exists must take a new file: probe it, then leave nothing behind.
+    parent = next(p for p in (output_dir, *output_dir.absolute().parents) if p.exists())
+    try:
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is a file")
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".workbench-write-probe-"):
+            pass
+    except OSError as err:
+        raise WorkbenchError(f"train.output_dir: cannot create or write {output_dir}: "
+                             f"{err.strerror or err}") from None
+    return found[-1] if resume else None
+
+
+# Keys that shape the learning-rate schedule or the data order: a resumed run must keep them.
+SCHEDULE_KEYS = ("lr", "schedule", "warmup_ratio", "warmup_steps", "epochs", "max_steps", "batch_size",
+                 "gradient_accumulation_steps")
+
+
+def check_resume(output_dir: Path, config: RunConfig, processes: int) -> list[str]:
+    """On --resume: refuse keys that would silently reshape the schedule (unless
+    train.allow_schedule_change_on_resume); returns the changes it allowed, as lines to print."""
+    path = output_dir / RECORD_NAME
+    if not path.is_file():
+        return []
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as err:
+        raise WorkbenchError(f"{path}: run record is not valid JSON ({err})") from None
+    old, new = before.get("config", {}).get("train", {}), config.to_dict()["train"]
+    changed = [f"train.{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_KEYS if k in old and old[k] != new[k]]
+    old_processes = (before.get("sessions") or [{}])[-1].get("processes")
+    if old_processes is not None and old_processes != processes:
+        changed.append(f"processes: {old_processes} -> {processes} (the global batch changes)")
+    if changed and not config.train.allow_schedule_change_on_resume:
+        raise WorkbenchError(f"--resume: {config.source}: these change the learning-rate schedule or the batch "
+                             f"of the run in {output_dir}: {'; '.join(changed)}. Set them back, or add "
+                             "--set train.allow_schedule_change_on_resume=true to continue with them")
+    return changed
 
 
 def check_disk_space(output_dir: Path, trainable_params: int, kept_checkpoints: int) -> None:
@@ -97,7 +110,7 @@ def _versions() -> dict[str, str]:
 
 
 def start_run_record(output_dir: Path, config: RunConfig, trainable_params: int, data_files: list[Path],
-                     resume_from: Path | None) -> dict[str, Any]:
+                     resume_from: Path | None, processes: int = 1) -> dict[str, Any]:
     """The record at the start of a session; a resumed run keeps its record and adds a session.
 
     Resuming on other base weights is refused (the adapter would not fit them); changed data
@@ -125,12 +138,14 @@ def start_run_record(output_dir: Path, config: RunConfig, trainable_params: int,
         "recipe": config.recipe.to_dict(), "trainable_parameters": trainable_params, "data": data,
         "versions": _versions(),
     })
-    run["sessions"].append({"started": _now(), "resumed_from": resume_from.name if resume_from else None})
+    run["sessions"].append({"started": _now(), "resumed_from": resume_from.name if resume_from else None,
+                            "processes": processes})
     return run
 
 
 def finish_run_record(run: dict[str, Any], *, status: str, global_step: int, seconds: float,
-                      metrics: list[dict[str, Any]], output_dir: Path, bad_step: int | None) -> None:
+                      metrics: list[dict[str, Any]], output_dir: Path, bad_step: int | None,
+                      best_checkpoint: str | None = None) -> None:
     """Fill in how the session ended and what the run produced."""
     losses = [m["loss"] for m in metrics if "loss" in m]
     evals = [m["eval_loss"] for m in metrics if "eval_loss" in m]
@@ -147,6 +162,9 @@ def finish_run_record(run: dict[str, Any], *, status: str, global_step: int, sec
         "adapter": str(output_dir) if status == "completed" else None,
         "last_checkpoint": str(found[-1]) if found else None,
         "non_finite_loss_step": bad_step,
+        "best_checkpoint": best_checkpoint,
+        "grounding_acc@0.5": [(m["step"], m["eval_grounding_acc@0.5"]) for m in metrics
+                              if "eval_grounding_acc@0.5" in m],
     }
 
 

@@ -18,26 +18,28 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from workbench import run_folder
 from workbench.atomic import write_json
 from workbench.errors import ConfigError
+from workbench.model.modeling import IGNORE_INDEX
 from workbench.train import distributed, record
-from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, read_metrics
+from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard
 from workbench.train.config import RunConfig
 from workbench.train.plots import plot_loss_curve
-
-IGNORE_INDEX = -100
 
 
 class WorkbenchTrainer(Trainer):
     """Trainer with the recipe's parameter groups, a split-invariant loss and the run guard."""
 
-    def __init__(self, *args: Any, run_config: RunConfig, guard: RunGuard, **kwargs: Any):
+    def __init__(self, *args: Any, run_config: RunConfig, guard: RunGuard, grounding: Any = None,
+                 has_loss_eval: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.run_config, self.guard = run_config, guard
+        self.grounding, self.has_loss_eval = grounding, has_loss_eval
         # The model returns the mean over its own micro-batch. Asking the Trainer for
         # num_items_in_batch (the label-token count of the whole optimizer step, over all
         # micro-batches and ranks) lets compute_loss rescale it into the global token mean, so
@@ -85,6 +87,23 @@ class WorkbenchTrainer(Trainer):
         with distributed.without_checkpoint_wrappers(self.accelerator.unwrap_model(self.model)) as model:
             save_adapter(model, output_dir, state_dict=state_dict)
 
+    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
+                 metric_key_prefix: str = "eval") -> dict[str, float]:
+        """The Trainer's loss evaluation (when the data has an eval split) plus grounding accuracy
+        (train.eval_grounding), in one metrics dict, so `metric_for_best` and early stopping can use
+        either; the grounding metrics are logged like any other (trackers, metrics.jsonl)."""
+        metrics: dict[str, float] = {}
+        if self.has_loss_eval:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.grounding is not None:
+            found = self.grounding(self.model, self.state.global_step, draw=self.is_world_process_zero())
+            found = {f"{metric_key_prefix}_{k}": v for k, v in found.items()}
+            self.log(found)
+            metrics.update(found)
+            if not self.has_loss_eval:  # super().evaluate did not run, so tell the callbacks here
+                self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -99,12 +118,15 @@ class RunResult:
     global_step: int
     model: torch.nn.Module  # the trained PeftModel, for in-process use
     bad_step: int | None = None  # where the loss became NaN/inf
+    best_checkpoint: str | None = None  # with train.metric_for_best: the checkpoint kept as the adapter
 
 
 def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
     t = config.train
     precision = config.mixed_precision()
-    eval_steps = t.eval_steps or t.save_steps
+    has_eval = has_eval or t.eval_grounding is not None
+    best = None if t.metric_for_best is None else t.metric_for_best.removeprefix("eval_")
+    greater = t.greater_is_better if t.greater_is_better is not None else best is not None and "loss" not in best
     return TrainingArguments(
         output_dir=t.output_dir,
         seed=t.seed,
@@ -135,7 +157,10 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no",
-        eval_steps=eval_steps if has_eval else None,
+        eval_steps=t.evaluation_steps() if has_eval else None,
+        metric_for_best_model=best,
+        greater_is_better=greater if best else None,
+        load_best_model_at_end=best is not None,  # the final adapter is the best checkpoint's
         prediction_loss_only=True,
         dataloader_num_workers=config.data.num_workers,
         dataloader_pin_memory=torch.cuda.is_available(),
@@ -144,9 +169,9 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         # TrainingArguments sets accelerate's process group up again: the same backend as train()'s
         ddp_backend=distributed.partial_state_kwargs(_cpu_only()).get("backend"),
         # every trainable parameter is used in every step (text-only batches run the ViT on a
-        # dummy image, spec §5.7), so DDP need not search the graph for unused ones
+        # dummy image, docs/qwen-vl.md §5.7), so DDP need not search the graph for unused ones
         ddp_find_unused_parameters=False,
-        report_to="none",  # TensorBoard is added with a fixed folder below
+        report_to=[] if "none" in t.report_to else list(t.report_to),
         disable_tqdm=True,  # ProgressBar replaces the default bar
     )
 
@@ -187,26 +212,27 @@ def set_image_size(model: torch.nn.Module, size: int, where: str) -> None:
 
     The data pipeline preprocesses images at `config.visual["image_size"]`, and the ViT resizes
     its 16x16 position table (and the resampler its key table) to the new patch grid in every
-    forward (`get_abs_pos`, spec §4.3): 224 px is a 16x16 grid, used as it is. No weight changes
+    forward (`get_abs_pos`, docs/qwen-vl.md §4.3): 224 px is a 16x16 grid, used as it is. No weight changes
     shape, so an adapter trained at any size loads onto the base; only this run's model is changed.
     """
-    patch = model.config.visual["patch_size"]
-    if size % patch:
-        nearest = max(1, round(size / patch)) * patch
-        raise ConfigError(f"{where}: {size} is not a multiple of the patch size {patch}; try {nearest}")
+    check_image_size(size, model.config.visual["patch_size"], where)
     model.config.visual["image_size"] = size
     model.transformer.visual.image_size = size
 
 
-def build_data(config: RunConfig, model: torch.nn.Module) -> TrainData:
-    """The data engineer's pipeline: every record is read and checked here, before training."""
-    from workbench.api import load_tokenizer
+def check_image_size(size: int, patch: int, where: str) -> None:
+    if size % patch:
+        nearest = max(1, round(size / patch)) * patch
+        raise ConfigError(f"{where}: {size} is not a multiple of the patch size {patch}; try {nearest}")
+
+
+def build_data(config: RunConfig, tokenizer: Any, image_size: int) -> TrainData:
+    """The data engineer's pipeline: every record is read and checked here, before any weight is loaded."""
     from workbench.data.collator import SFTCollator
     from workbench.data.dataset import load_sft_data
     from workbench.data.records import find_files
 
-    tokenizer = load_tokenizer(config.model)
-    data = load_sft_data(config.data, tokenizer, image_size=model.config.visual["image_size"])
+    data = load_sft_data(config.data, tokenizer, image_size=image_size)
     if PartialState().is_main_process:
         print(data.report.summary())
     files = find_files([*config.data.train, *config.data.eval])
@@ -226,60 +252,136 @@ def _kept_checkpoints(config: RunConfig, data: TrainData) -> int:
     return max(1, steps // t.save_steps)
 
 
+@dataclass
+class Preflight:
+    """Everything checked before a weight is read."""
+
+    model_dir: Path
+    tokenizer: Any
+    image_size: int
+    resume_from: Path | None
+    schedule_changes: list[str]
+
+
+def preflight(config: RunConfig, resume: bool) -> Preflight:
+    """The checks that need no weights, in the order a user's mistakes are likeliest: the model folder
+    (or a hub id that resolves), the output folder, the image root, the config of the run's pieces."""
+    from workbench.api import load_tokenizer
+    from workbench.model.checkpoint import resolve_model_dir
+    from workbench.model.config import load_config
+    from workbench.train.grounding_eval import check_grounding_config
+
+    model_dir = resolve_model_dir(config.model)
+    model_config = load_config(model_dir)
+    out = Path(config.train.output_dir)
+    resume_from = record.check_output_dir(out, resume=resume)
+    changes = record.check_resume(out, config, PartialState().num_processes) if resume else []
+    if config.data.image_root is not None and not Path(config.data.image_root).is_dir():
+        raise ConfigError(f"{config.source}: data.image_root: {config.data.image_root} is not a folder")
+    check_grounding_config(config)
+    image_size = model_config.visual["image_size"]
+    if config.image_size is not None:
+        check_image_size(config.image_size, model_config.visual["patch_size"], f"{config.source}: image_size")
+        image_size = config.image_size
+    return Preflight(model_dir, load_tokenizer(model_dir), image_size, resume_from, changes)
+
+
 def train(config: RunConfig, resume: bool = False, callbacks: list | None = None) -> RunResult:
-    """Run (or with `resume`, continue) the training a run config describes; returns where it ended."""
+    """Run (or with `resume`, continue) the training a run config describes; returns where it ended.
+
+    Nothing is written to train.output_dir until the model, the data and the folder have been checked.
+    """
     # sets up the process group under `accelerate launch`
     state = PartialState(**distributed.partial_state_kwargs(cpu=_cpu_only()))
     out = Path(config.train.output_dir)
     distributed.check_launch(config)
     # Every rank checks before any rank writes, or rank 1 would find rank 0's fresh record.
-    resume_from = record.prepare_output_dir(out, resume=resume)
+    checked = preflight(config, resume)
+    data = build_data(config, checked.tokenizer, checked.image_size)
+    grounding = None
+    if config.train.eval_grounding is not None:
+        from workbench.train.grounding_eval import GroundingEvaluator
+
+        grounding = GroundingEvaluator(config.train.eval_grounding, config, checked.tokenizer, out / "grounding")
     state.wait_for_everyone()
 
     set_seed(config.train.seed)  # before the adapter is built: LoRA init is random
     model = build_model(config, state.device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    data = build_data(config, model)
     run_record = None
     if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
         record.check_disk_space(out, trainable, _kept_checkpoints(config, data))
-        run_record = record.start_run_record(out, config, trainable, data.files, resume_from)
-        record.write_yaml(out / record.RESOLVED_CONFIG_NAME, config.to_dict())
-        write_json(out / record.RECORD_NAME, run_record)
+        run_record = record.start_run_record(out, config, trainable, data.files, checked.resume_from,
+                                             processes=state.num_processes)
+        record.write_yaml(out / run_folder.RESOLVED_CONFIG_NAME, config.to_dict())
+        write_json(out / run_folder.RECORD_NAME, run_record)
+        print(start_summary(config, model, data, checked, state.num_processes))
 
     guard = RunGuard()
+    extra = [EarlyStoppingCallback(config.train.early_stopping_patience)] if config.train.early_stopping_patience else []
     trainer = WorkbenchTrainer(
         model=model, args=training_arguments(config, has_eval=data.eval is not None),
-        data_collator=data.collator, train_dataset=data.train, eval_dataset=data.eval,
-        run_config=config, guard=guard,
-        callbacks=[ProgressBar(), MetricsLogger(out / record.METRICS_NAME), guard, *(callbacks or [])],
+        data_collator=data.collator, train_dataset=data.train,
+        # grounding alone still needs an eval "dataset" for the Trainer to schedule evaluations
+        eval_dataset=data.eval if data.eval is not None else (grounding.queries if grounding else None),
+        run_config=config, guard=guard, grounding=grounding, has_loss_eval=data.eval is not None,
+        callbacks=[ProgressBar(), MetricsLogger(out / run_folder.METRICS_NAME), guard, *extra, *(callbacks or [])],
     )
     for default in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default)
     if state.is_main_process:
         run_record["sessions"][-1]["distributed"] = distributed.describe(trainer.accelerator)
-        write_json(out / record.RECORD_NAME, run_record)
-    if config.train.tensorboard:
-        board = TensorBoardCallback()
-        board.logging_dir = str(out / "tensorboard")
-        trainer.add_callback(board)
+        write_json(out / run_folder.RECORD_NAME, run_record)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback):  # one fixed folder instead of runs/<date>
+            callback.logging_dir = str(out / "tensorboard")
 
     started = time.time()
     with guard.catch_signals():
-        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        trainer.train(resume_from_checkpoint=str(checked.resume_from) if checked.resume_from else None)
     status = guard.reason or "completed"
     if status == "completed":
         trainer.save_model(str(out))  # collective under FSDP/DeepSpeed: every rank calls it
+        if state.is_main_process:
+            checked.tokenizer.save_pretrained(out)  # the run folder loads on its own (AutoTokenizer)
     state.wait_for_everyone()
 
     result = RunResult(output_dir=out, status=status, global_step=trainer.state.global_step,
-                       model=trainer.model, bad_step=guard.bad_step)
+                       model=trainer.model, bad_step=guard.bad_step,
+                       best_checkpoint=trainer.state.best_model_checkpoint)
     if state.is_main_process:
-        metrics = read_metrics(out / record.METRICS_NAME)
-        plot_loss_curve(metrics, out / record.PLOT_NAME, title=f"{Path(config.source).name}: {status}")
+        metrics = trainer.state.log_history  # every log event, restored from the checkpoint on resume
+        plot_loss_curve(metrics, out / run_folder.PLOT_NAME, title=f"{Path(config.source).name}: {status}")
         record.finish_run_record(run_record, status=status, global_step=result.global_step,
                                  seconds=time.time() - started, metrics=metrics, output_dir=out,
-                                 bad_step=guard.bad_step)
-        write_json(out / record.RECORD_NAME, run_record)
+                                 bad_step=guard.bad_step, best_checkpoint=result.best_checkpoint)
+        write_json(out / run_folder.RECORD_NAME, run_record)
         print(record.summary(run_record, out))
     return result
+
+
+def start_summary(config: RunConfig, model: torch.nn.Module, data: TrainData, checked: Preflight,
+                  processes: int) -> str:
+    """What this run is about to do, printed before step 1."""
+    t = config.train
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    quantised = sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
+    per_step = t.batch_size * t.gradient_accumulation_steps * processes
+    lines = [
+        f"config:     {config.source}" + (f" (--set {' '.join(config.overrides)})" if config.overrides else ""),
+        f"model:      {config.model} ({checked.model_dir}), {config.dtype}, {checked.image_size} px",
+        f"recipe:     {config.recipe.name} ({config.recipe.file})",
+        f"parameters: {trainable:,} trainable, {frozen:,} frozen, {quantised} quantised linears",
+        f"batch:      {t.batch_size} per device x {t.gradient_accumulation_steps} accumulation x {processes} "
+        f"process(es) = {per_step} samples per step; {len(data.train)} training samples",
+        f"precision:  {config.mixed_precision()}; gradient checkpointing {'on' if t.gradient_checkpointing else 'off'}",
+        f"output:     {t.output_dir}",
+        f"resume:     {checked.resume_from or 'no (a new run)'}",
+        *(f"  changed on resume: {c}" for c in checked.schedule_changes),
+    ]
+    if t.eval_grounding is not None:
+        lines.append(f"grounding:  Acc@0.5 every {t.evaluation_steps()} steps"
+                     + (f", best by {t.metric_for_best}" if t.metric_for_best else ""))
+    return "\n".join(lines)

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
+from workbench.atomic import atomic_path
 from workbench.data.boxes import denormalize_box
-from workbench.errors import DataError
+from workbench.errors import DataError, WorkbenchError
+from workbench.model.image_processing import read_image_size
 
 
 def read_json(path: str | Path) -> Any:
@@ -32,12 +32,11 @@ def read_json(path: str | Path) -> Any:
 
 
 def image_size(path: Path, *, file: str, record: int, field: str) -> tuple[int, int]:
-    """(width, height) from the image header only (PIL opens lazily)."""
+    """(width, height) from the image header."""
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (FileNotFoundError, OSError) as err:
-        raise DataError(f"cannot open image {path} ({err})", file=file, record=record, field=field) from None
+        return read_image_size(path)
+    except WorkbenchError as err:
+        raise DataError(str(err), file=file, record=record, field=field) from None
 
 
 def grounded_sample(image: str, messages: list[dict], objects: Sequence[tuple[str, list]],
@@ -54,12 +53,6 @@ def grounded_sample(image: str, messages: list[dict], objects: Sequence[tuple[st
     return sample
 
 
-def clip_box(box: Sequence[float], width: int, height: int) -> list[float]:
-    """Clamp a pixel box into the image (COCO boxes overshoot the border by float noise)."""
-    x1, y1, x2, y2 = box
-    return [min(max(x1, 0), width), min(max(y1, 0), height), min(max(x2, 0), width), min(max(y2, 0), height)]
-
-
 def image_ref(path: Path, root: Path) -> str:
     """How a sample names its image: relative to `root`, the image root the loader will use
     (data.image_root, by default the data file's folder)."""
@@ -68,19 +61,12 @@ def image_ref(path: Path, root: Path) -> str:
 
 def write_jsonl(samples: Iterable[dict], out: str | Path) -> int:
     """Write samples one per line via a temporary file; returns the count."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     n = 0
-    try:
-        with tmp.open("w", encoding="utf-8") as fh:
-            for sample in samples:
-                fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
-                n += 1
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # samples are generated lazily: a bad record fails mid-write
-        raise
-    os.replace(tmp, out)
+    # samples are generated lazily: a bad record fails mid-write, and the partial file goes
+    with atomic_path(out) as tmp, tmp.open("w", encoding="utf-8") as fh:
+        for sample in samples:
+            fh.write(json.dumps(sample, ensure_ascii=False) + "\n")
+            n += 1
     return n
 
 
@@ -95,8 +81,8 @@ def structured_to_coco(samples: Iterable[dict], root: str | Path) -> dict:
     for sample in samples:
         path = sample["images"][0]
         if path not in images:
-            with Image.open(Path(root) / path) as im:
-                images[path] = {"id": len(images), "file_name": path, "width": im.width, "height": im.height}
+            width, height = read_image_size(Path(root) / path)
+            images[path] = {"id": len(images), "file_name": path, "width": width, "height": height}
         info = images[path]
         for obj in sample.get("objects", []):
             boxes = obj["bbox"] if isinstance(obj["bbox"][0], (list, tuple)) else [obj["bbox"]]

@@ -15,16 +15,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.data.boxes import clip_box
 from workbench.data.convert import (
-    clip_box,
     grounded_sample,
     image_ref,
     image_size,
     read_json,
     write_jsonl,
 )
-from workbench.data.render import load_task_template
 from workbench.errors import DataError
+from workbench.prompt import load_task_template
 
 TASKS = ("grounding", "detection", "caption-grounding")
 
@@ -119,7 +119,8 @@ def labelled_samples(images: list[LabelledImage], task: str, image_root: Path) -
         path = image_ref(image.path, image_root)
         if task == "grounding":
             for name, boxes in image.boxes.items():
-                yield grounded_sample(path, template.messages(n), [(name, boxes)])
+                # the category is the ref here; meta.category gives evaluation its per-category rows
+                yield grounded_sample(path, template.messages(n), [(name, boxes)], {"category": name})
                 n += 1
         elif image.boxes:  # an image without objects has nothing to detect or ground
             pairs = ["<ref-object><bbox>"] * len(image.boxes)

@@ -12,20 +12,20 @@ Each sample carries `meta: {split, category, ref_id}` for per-split / per-catego
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
+from workbench.data.boxes import clip_box
 from workbench.data.convert import (
-    clip_box,
     grounded_sample,
     image_ref,
     image_size,
     read_json,
     write_jsonl,
 )
-from workbench.data.render import load_task_template
+from workbench.data.records import iter_rows, refcoco_eval_row
 from workbench.errors import DataError
+from workbench.prompt import load_task_template
 
 
 def convert_refcoco(refs: str | Path, images: str | Path, out: str | Path, instances: str | Path | None = None,
@@ -96,33 +96,11 @@ def refer_items(refs_file: Path, images_dir: Path, instances: str | Path | None)
 
 def official_items(path: Path, images_dir: Path) -> Iterator[tuple]:
     """(image path, sentence, pixel box, meta) from the official evaluation JSONL."""
-    for i, rec in enumerate(read_official_jsonl(path)):
-        box = clip_box(rec["bbox"], rec["width"], rec["height"])
-        yield images_dir / rec["image"], rec["sent"], box, {"split": None, "category": None, "ref_id": i}
-
-
-def read_official_jsonl(path: str | Path) -> list[dict]:
-    """Records of the official RefCOCO eval JSONL, validated (`image`, `sent`, `bbox`, `height`, `width`)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise DataError("file not found", file=str(path)) from None
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"not valid JSON ({err})", file=str(path), record=i) from None
-        for key, kind in (("image", str), ("sent", str), ("bbox", list), ("height", int), ("width", int)):
-            if not isinstance(rec.get(key) if isinstance(rec, dict) else None, kind):
-                raise DataError(f"missing or not a {kind.__name__}", file=str(path), record=i, field=key)
-        if len(rec["bbox"]) != 4 or not all(isinstance(v, (int, float)) for v in rec["bbox"]):
-            raise DataError(f"bbox must be pixel [x1, y1, x2, y2], got {rec['bbox']!r}", file=str(path),
-                            record=i, field="bbox")
-        records.append(rec)
-    return records
+    for i, row in iter_rows(path):
+        if isinstance(row, DataError):
+            raise row
+        image, sent, box = refcoco_eval_row(row, str(path), i)
+        yield images_dir / image, sent, box, {"split": None, "category": None, "ref_id": i}
 
 
 def _xywh_box(bbox: object, size: tuple[int, int], *, file: str, record: int) -> list[float]:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from workbench.data.convert import clip_box, image_size, write_jsonl
+from workbench.data.boxes import clip_box
+from workbench.data.convert import image_size, write_jsonl
 from workbench.data.convert.coco import LabelledImage, labelled_samples
 from workbench.errors import DataError
 

@@ -11,9 +11,9 @@ from open_clip.transformer import LayerNorm
 from open_clip.transformer import VisionTransformer as OpenClipViT
 
 from workbench import load_model
+from workbench.convert.openclip import convert_visual_trunk, import_openclip, qkv_blocks_to_per_head
 from workbench.errors import CheckpointError
 from workbench.model.config import load_config
-from workbench.model.openclip import convert_visual_trunk, import_openclip, qkv_blocks_to_per_head
 from workbench.model.vision import VisionTransformer
 
 

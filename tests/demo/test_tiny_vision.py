@@ -1,4 +1,4 @@
-"""The demo model's hand-set vision side (workbench/model/tiny_vision.py), checked on drawn images.
+"""The demo model's hand-set vision side (workbench/demo/tiny_vision.py), checked on drawn images.
 
 A red square whose patches are known: its image tokens say "red, here", the background's say
 nothing, every token depends on its own patch only, and training the resampler's norms and
@@ -14,12 +14,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from workbench.api import load_model
-from workbench.data.synthetic import COLOURS
-from workbench.demo import BASE_SIZES
+from workbench.demo.runner import BASE_SIZES
+from workbench.demo.synthetic import COLOURS
+from workbench.demo.tiny import make_tiny_model_dir
+from workbench.demo.tiny_vision import GATED, N_POS, PRESENCE, position_code, set_shape_vision
 from workbench.errors import WorkbenchError
 from workbench.model.image_processing import preprocess
-from workbench.model.tiny import make_tiny_model_dir
-from workbench.model.tiny_vision import GATED, N_POS, PRESENCE, position_code, set_shape_vision
 
 PATCH = 14
 

@@ -3,7 +3,7 @@
 The real ViT and resampler arrive pretrained: their 256 image tokens say what is where. A random
 tiny ViT says nothing usable, and pretraining one does not fit in the demo's minutes, so
 `set_shape_vision` writes weights by hand that do the same job for the synthetic shapes of
-workbench.data.synthetic (flat colours on grey textures). Only the vision side is set; the LLM
+workbench.demo.synthetic (flat colours on grey textures). Only the vision side is set; the LLM
 stays random, and it is the LLM that a demo or test run has to teach to read these tokens.
 
 What each part computes (ViT width 64, resampler width 128, a 16 x 16 patch grid):

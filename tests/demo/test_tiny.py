@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from workbench import load_model, load_tokenizer
-from workbench.model.tiny import make_tiny_model_dir
+from workbench.demo.tiny import make_tiny_model_dir
 
 
 def test_factory_reproduces_the_reference_tiny_model(tmp_path, tiny_ref_dir):

@@ -7,8 +7,8 @@ after (`eval_before/`, `eval_after/`: report.json + box PNGs), the merged model 
 verify (`merged/`), one grounding answer of the reloaded merged model drawn on its image
 (`answer.png`) and `metrics.json` with the numbers.
 
-The base model is synthetic: random weights (workbench.model.tiny), except the vision side,
-which is set by hand (workbench.model.tiny_vision) to stand in for Qwen-VL's pretrained ViT and
+The base model is synthetic: random weights (workbench.demo.tiny), except the vision side,
+which is set by hand (workbench.demo.tiny_vision) to stand in for Qwen-VL's pretrained ViT and
 resampler: its image tokens say which colour is where. The random LLM learns to read them.
 """
 
@@ -31,17 +31,17 @@ MAX_NEW_TOKENS = 64   # `<ref>the yellow triangle</ref><box>(123,456),(789,999)<
 
 
 def make_demo_base_model(out_dir: Path, seed: int) -> Path:
-    """The tiny random model of workbench.model.tiny with the hand-set vision side of tiny_vision.py.
+    """The tiny random model of workbench.demo.tiny with the hand-set vision side of tiny_vision.py.
 
     The LLM is random: it has never seen an image token or a box, which is what training teaches.
     The byte-level vocabulary has one token per word of the shapes' phrases (synthetic.WORDS), so
     the colour is one token, not 3-6 bytes that a 2-layer LLM would first have to put together.
     """
     from workbench.api import load_model
-    from workbench.data.synthetic import COLOURS, WORDS
+    from workbench.demo.synthetic import COLOURS, WORDS
+    from workbench.demo.tiny import make_tiny_model_dir
+    from workbench.demo.tiny_vision import set_shape_vision
     from workbench.model.checkpoint import save_model
-    from workbench.model.tiny import make_tiny_model_dir
-    from workbench.model.tiny_vision import set_shape_vision
 
     make_tiny_model_dir(out_dir, seed=seed, words=WORDS, **BASE_SIZES)
     model = load_model(out_dir, dtype=torch.float32)
@@ -60,9 +60,9 @@ def _evaluate(model, tokenizer, queries: list, out_dir: Path) -> dict:
 
 def _ask(model, tokenizer, query, out_png: Path) -> dict:
     """One grounding question the way `workbench chat --draw` asks it; the answer's boxes drawn."""
-    from workbench.data.render import load_task_template
     from workbench.eval.chat import ChatSession, draw_answer
     from workbench.eval.draw import save_png
+    from workbench.prompt import load_task_template
 
     question = load_task_template("grounding").user[0].replace("<image>", "").replace(
         "<ref-object>", f"<ref>{query.phrase}</ref>")
@@ -80,7 +80,7 @@ def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0) -> di
     """Data -> base model -> eval -> LoRA training -> merge + verify -> eval + one drawn answer."""
     from workbench.api import load_model, load_tokenizer
     from workbench.atomic import write_json
-    from workbench.data.synthetic import make_shapes_dataset
+    from workbench.demo.synthetic import make_shapes_dataset
     from workbench.eval.grounding import load_queries
     from workbench.merge.merge import merge_adapter
     from workbench.train.config import load_run_config

@@ -15,7 +15,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from workbench.atomic import write_text
-from workbench.data.render import load_task_template
+from workbench.prompt import load_task_template
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ("square", "circle", "triangle")

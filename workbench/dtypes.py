@@ -1,0 +1,19 @@
+"""Weight dtypes by name: the one map from the names configs and the CLI use to torch dtypes."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Dtype = Literal["bfloat16", "float16", "float32"]
+TORCH_DTYPES: dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float16": torch.float16,
+                                        "float32": torch.float32}
+# The release's config.json flags (bf16/fp16/fp32: true) and transformers' precision names.
+PRECISION_FLAGS: dict[str, str] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+FLAG_DTYPES: dict[str, torch.dtype] = {flag: TORCH_DTYPES[name] for name, flag in PRECISION_FLAGS.items()}
+
+
+def dtype_flag(dtype: torch.dtype) -> str:
+    """bf16 / fp16 / fp32 for a torch dtype."""
+    return next(flag for flag, d in FLAG_DTYPES.items() if d == dtype)
