@@ -217,6 +217,12 @@ def test_a_sharded_frozen_vit_runs_on_text_only_batches(tiny_model, sharded):
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, out.loss, atol=0, rtol=0)
 
 
+@pytest.fixture(scope="module")  # module scope: set up before the module-scoped references
+def deepspeed():
+    """Skips before the references are built when DeepSpeed is not installed (an optional extra)."""
+    return pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]' (DeepSpeed's CPU accelerator, gloo)")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("config", "recipe", "atol"), [
     ("deepspeed-zero2", "lora", 1e-6),
@@ -224,8 +230,7 @@ def test_a_sharded_frozen_vit_runs_on_text_only_batches(tiny_model, sharded):
     # ViT's and resampler's small gradients; the LLM's LoRA stays within 3e-7.
     ("deepspeed-zero3", "all3", 5e-5),
 ])
-def test_deepspeed_zero_on_two_cpu_processes(make_config, single, config, recipe, atol):
-    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]' (DeepSpeed's CPU accelerator, gloo)")
+def test_deepspeed_zero_on_two_cpu_processes(deepspeed, make_config, single, config, recipe, atol):
     path = make_config(config, recipe, batch_size=2)
     launch(["-m", "workbench.cli.main", "train", str(path)], config=config)
     one, two = single[recipe], path.parent / "run"
