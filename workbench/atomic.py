@@ -44,3 +44,10 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 def write_json(path: str | os.PathLike, data: Any, indent: int = 2) -> None:
     write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file the mode the umask gives new files: safetensors writes its files 0600 by itself."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

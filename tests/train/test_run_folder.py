@@ -78,6 +78,12 @@ def test_loss_curve_png(tmp_path):
     assert (tmp_path / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not plot_loss_curve([{"step": 1, "train_runtime": 1.0}], tmp_path / "none.png")
     assert not (tmp_path / "none.png").exists()
+    # With grounding evaluations the figure gains an Acc@0.5 panel below the loss (a taller image).
+    grounding = [{"step": s, "eval_grounding_acc@0.5": s / 10, "eval_grounding_mean_iou": s / 20} for s in (2, 4)]
+    assert plot_loss_curve(metrics + grounding, tmp_path / "acc.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "acc.png").height > Image.open(tmp_path / "loss.png").height
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
+from workbench.errors import WorkbenchError
 from workbench.train.callbacks import read_metrics
 from workbench.train.config import load_run_config
 from workbench.train.trainer import train
@@ -105,6 +106,9 @@ def test_interrupt_saves_a_checkpoint_and_resume_matches_the_straight_run(tmp_pa
     assert not (stopped.output_dir / "adapter_model.safetensors").exists()  # not finished: no final adapter
     assert json.loads((stopped.output_dir / "workbench_run.json").read_text())["status"] == "interrupted"
 
+    # A key that reshapes the schedule is refused on resume, before anything is loaded or written.
+    with pytest.raises(WorkbenchError, match=r"train.max_steps: 8 -> 12.*allow_schedule_change_on_resume"):
+        train(load_run_config(path, ["train.max_steps=12"]), resume=True)
     resumed = train(load_run_config(path), resume=True)
     assert resumed.status == "completed" and resumed.global_step == 8
     run = json.loads((resumed.output_dir / "workbench_run.json").read_text())

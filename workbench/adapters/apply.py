@@ -38,6 +38,7 @@ from torch import nn
 from workbench.adapters.quantize import quantize_model
 from workbench.adapters.recipe import COMPONENTS, Recipe
 from workbench.adapters.targets import PATTERNS, Targets, component_of, resolve_targets
+from workbench.atomic import follow_umask
 
 ADAPTER = "default"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -119,3 +120,5 @@ def save_adapter(model: PeftModel, out_dir: str | Path, state_dict: dict | None 
         tensors = load_file(path)
         tensors.update({k: v.contiguous().cpu() for k, v in extra.items()})
         save_file(tensors, path, metadata={"format": "pt"})
+    for file in Path(out_dir).glob("adapter_model.*"):
+        follow_umask(file)

@@ -104,6 +104,15 @@ class WorkbenchTrainer(Trainer):
                 self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # A save that fails (a full disk) leaves no half-written checkpoint-N for --resume to trip on.
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.is_world_process_zero():
+                run_folder.remove_incomplete_checkpoints(Path(self.args.output_dir))
+            raise
+
     def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -311,6 +320,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     run_record = None
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in run_folder.remove_incomplete_checkpoints(out):
+            print(f"removed {folder}: a checkpoint save that was cut short")
         record.check_disk_space(out, trainable, _kept_checkpoints(config, data))
         run_record = record.start_run_record(out, config, trainable, data.files, checked.resume_from,
                                              processes=state.num_processes)
