@@ -8,6 +8,8 @@ the message and exits with status 2 instead of showing a traceback.
 from __future__ import annotations
 
 import difflib
+import errno
+import pickle
 from collections.abc import Iterable
 
 
@@ -44,3 +46,28 @@ def nearest(name: object, valid: Iterable[object]) -> str:
     valid = [str(v) for v in valid]
     close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.5)
     return f"did you mean '{close[0]}'?" if close else f"valid: {', '.join(valid)}"
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message as one short line (weights-only unpickling errors run to 20 lines)."""
+    text = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def describe(err: BaseException) -> tuple[str, bool]:
+    """(one line for a person, whether it is the input's fault) for an error a dependency raised."""
+    if isinstance(err, OSError):
+        where = f"{err.filename}: " if err.filename else ""
+        if err.errno == errno.ENOSPC:
+            return f"{where}no space left on the device; free some space or write somewhere else", True
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return f"{where}{err.strerror} (check the folder's permissions)", True
+        return f"{where}{err.strerror or first_line(err)}", True
+    if "No space left on device" in str(err) or "os error 28" in str(err):  # safetensors' own I/O errors
+        return "no space left on the device; free some space or write somewhere else", True
+    if isinstance(err, pickle.UnpicklingError):
+        return (f"refused to unpickle a file that holds Python objects, not only tensors ({first_line(err)}); "
+                "convert it to safetensors where it came from"), True
+    if isinstance(err, (ValueError, KeyError, TypeError, RuntimeError)):
+        return f"{type(err).__name__}: {first_line(err)}", False
+    return f"{type(err).__name__}: {first_line(err)}", False

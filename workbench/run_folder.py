@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,16 @@ def checkpoints(output_dir: Path) -> list[Path]:
     found = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
              if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def remove_incomplete_checkpoints(output_dir: Path) -> list[Path]:
+    """Delete checkpoint-N folders a crash or a full disk cut short (no trainer_state.json)."""
+    complete = set(checkpoints(output_dir))
+    removed = [p for p in Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*")
+               if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit() and p not in complete]
+    for folder in removed:
+        shutil.rmtree(folder, ignore_errors=True)
+    return removed
 
 
 def run_dir_of(adapter_dir: Path) -> Path:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import pytest
 import yaml
 
 from workbench.adapters.inspect import format_layers, inspect_recipe
@@ -11,6 +13,7 @@ from workbench.adapters.recipe import load_recipe
 from workbench.cli.main import main
 
 E, F = 4096, 11008
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_official_recipe_report_and_memory(real_ref_dir):
@@ -65,3 +68,54 @@ def test_inspect_command_reports_config_errors(tiny_ref_dir, tmp_path, capsys):
         "data": {"train": "train.jsonl"}, "train": {"output_dir": str(tmp_path / "out")}}))
     assert main(["inspect", str(config)]) == 2
     assert f"{config}: adapter_overrides.llm.layers: layer 2 is out of range" in capsys.readouterr().err
+
+
+def test_per_device_memory_under_sharding_is_the_hand_computation(real_ref_dir):
+    # official-lora on the 9.6B release, bf16, 8 devices. Units as configs/accelerate/fsdp.yaml makes them.
+    report = inspect_recipe(real_ref_dir, load_recipe("official-lora"), devices=8)
+    V, W, M = 151_936, 1664, 8192  # vocab; ViT width and MLP width (mlp_ratio 4.9231)
+    lora_per_block = 112_197_632 // 32
+    # QWenBlock: ln_1, ln_2 (E each), c_attn (3E x E + 3E bias), attn.c_proj (E x E), w1, w2 (F x E), mlp.c_proj (E x F),
+    # in bf16, plus its LoRA in float32 with float32 gradients (gathered unsharded for the reduce-scatter).
+    block = 2 * (2 * E + 3 * E * E + 3 * E + E * E + 3 * E * F) + lora_per_block * (4 + 4)
+    # VisualAttentionBlock: ln_1, ln_2 (weight + bias), in_proj (3W x W + 3W), out_proj, c_fc, c_proj
+    vit_block = 2 * (4 * W + 3 * W * W + 3 * W + W * W + W + W * M + M + M * W + W)
+    wte, tail = 2 * V * E, 2 * (V * E + E)  # tail: lm_head + ln_f
+    # root, everything else: ViT conv1, 16x16 position table, ln_pre; resampler query, kv_proj, attention
+    # (in_proj, out_proj), ln_q, ln_kv, pos_embed; ln_post, proj
+    root = 2 * (W * 3 * 14 * 14 + 256 * W + 2 * W
+                + 256 * E + W * E + 3 * E * E + 3 * E + E * E + E + 4 * E + 256 * E
+                + 2 * E + E * E)
+    weights = report["memory_bytes"]["weights"]
+    assert root + 32 * (block - lora_per_block * 8) + 48 * vit_block + wte + tail == weights  # every tensor once
+    total = weights + 112_197_632 * 16
+    expected = {"devices": 8, "divided": -(-total // 8), "gathered": root + tail + 2 * block}
+    expected["per_device"] = expected["divided"] + expected["gathered"]  # 4.60 GiB, of 19.66 GiB on one device
+    got = report["memory_per_device"]
+    assert {k: got[k] for k in expected} == expected
+
+    one = inspect_recipe(real_ref_dir, load_recipe("official-lora"), devices=1)["memory_per_device"]
+    assert one["per_device"] == total and one["gathered"] == 0
+
+
+def test_fsdp_config_wraps_the_units_the_estimate_assumes():
+    from workbench.adapters.sharded_memory import WRAP_CLASSES
+
+    config = yaml.safe_load((REPO / "configs" / "accelerate" / "fsdp.yaml").read_text())
+    assert tuple(config["fsdp_config"]["fsdp_transformer_layer_cls_to_wrap"].split(",")) == WRAP_CLASSES
+
+
+def test_inspect_command_prints_per_device_memory(tiny_ref_dir, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": str(tiny_ref_dir), "dtype": "float32", "adapter": "official-lora",
+        "data": {"train": "train.jsonl"}, "train": {"output_dir": str(tmp_path / "out")}}))
+    assert main(["inspect", str(config), "--devices", "4"]) == 0
+    assert "sharded over 4 devices (FSDP / ZeRO-3):" in capsys.readouterr().out
+    assert main(["inspect", str(config), "--devices", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    d, m = report["memory_per_device"], report["memory_bytes"]
+    assert d["divided"] == -(-m["total"] // 4) and d["per_device"] == d["divided"] + d["gathered"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["inspect", str(config), "--devices", "0"])
+    assert exit_info.value.code == 2 and "--devices: expected a whole number of devices" in capsys.readouterr().err

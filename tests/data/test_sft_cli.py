@@ -16,14 +16,16 @@ def _file(write_data, golden):
 
 def test_check_prints_counts_lengths_sizes_and_problems(capsys, write_data, golden, tiny_ref_dir):
     path = _file(write_data, golden)
-    assert main(["data", "check", str(path), "--model", str(tiny_ref_dir)]) == 1
-    out = capsys.readouterr().out
+    assert main(["data", "check", str(path), "--model", str(tiny_ref_dir)]) == 2  # bad input: exit 2
+    captured = capsys.readouterr()
+    out = captured.out
     assert f"{path}: 3 records, 2 valid, 1 bad" in out
     assert "images per record: min 0, median 0.5, mean 0.5, max 1; 1 in all, 1 distinct" in out
     assert "image width: min 80, median 80, mean 80.0, max 80" in out
     assert "tokens per record: min 51, median 209, mean 209.0, max 367" in out
     assert "supervised tokens per record: min 14, median" in out  # sample 0: 13 content ids + <|im_end|>
     assert "max_length 2048, overflow truncate: 2 kept" in out
+    assert f"1 bad record of 3; the first: file {path}, record 2" in captured.err
     assert f"file {path}, record 2, field 'conversations[0].value': image not found" in out
 
 

@@ -23,6 +23,7 @@ import torch
 from workbench.adapters.apply import apply_recipe
 from workbench.adapters.quantize import quantized_bytes
 from workbench.adapters.recipe import COMPONENTS, Quantization, Recipe
+from workbench.adapters.sharded_memory import SHARDED_FORMULA, per_device_bytes, unit_bytes
 from workbench.adapters.targets import PEFT_PREFIX, component_of, quantize_names, resolve_targets
 from workbench.dtypes import TORCH_DTYPES
 from workbench.model.checkpoint import resolve_config_dir
@@ -51,8 +52,12 @@ def meta_model(model_dir: str | Path, dtype: str = "bfloat16") -> torch.nn.Modul
         return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(TORCH_DTYPES[dtype])
 
 
-def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16") -> dict:
-    """Per-component adapted modules, LoRA / fully trained / quantised counts and a memory estimate."""
+def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16", devices: int | None = None) -> dict:
+    """Per-component adapted modules, LoRA / fully trained / quantised counts and a memory estimate.
+
+    With `devices`, also the per-device memory when FSDP / ZeRO-3 shard the run over that many
+    devices (`sharded_memory`).
+    """
     config_dir, note = resolve_config_dir(model_dir)
     model = meta_model(config_dir, dtype)
     targets = resolve_targets(model, recipe)
@@ -88,6 +93,10 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
         weights += nbytes
         base = pname.replace(".base_layer.", ".")
         weights_4bit += quantized_bytes(param.numel(), param.shape[0], q) if base in quantized_weights else nbytes
+    sharded = None
+    if devices is not None:
+        sharded = per_device_bytes(unit_bytes(peft_model), weights + trainable_bytes, devices)
+        sharded["formula"] = SHARDED_FORMULA
     lora = sum(c["lora_params"] for c in components.values())
     trained = sum(c["trained_params"] for c in components.values())
     return {
@@ -103,4 +112,5 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
         "memory_bytes": {"weights": weights, "weights_4bit": int(weights_4bit), "trainable": trainable_bytes,
                          "total": weights + trainable_bytes, "total_4bit": int(weights_4bit) + trainable_bytes},
         "memory_formula": MEMORY_FORMULA,
+        **({"memory_per_device": sharded} if sharded else {}),
     }

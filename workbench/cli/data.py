@@ -6,7 +6,12 @@ import argparse
 import importlib.util
 import statistics
 import sys
+from array import array
+from collections import Counter
+from collections.abc import Sequence
 from typing import Any
+
+from tqdm import tqdm
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -44,7 +49,8 @@ def _config(args: argparse.Namespace) -> tuple[Any, str | None]:
             raise ConfigError(f"{args.config}: expected a mapping of run settings")
         section = dict(doc.get("data") or {})
         model = model or doc.get("model")
-    section.update(train=[args.file], eval=[], eval_fraction=0.0)
+    # `data check` decodes every image: a truncated file passes a header check
+    section.update(train=[args.file], eval=[], eval_fraction=0.0, check_images="decode")
     return DataConfig.from_dict(section, source=args.config or "<command line>"), model
 
 
@@ -58,38 +64,61 @@ def _tokenizer(model: str | None) -> Any:
 
 
 def check(file: str, cfg: Any, model: str | None) -> int:
+    """Validate every record, streaming: statistics accumulate as compact arrays, records are not kept."""
     from workbench.data.dataset import build_samples
-    from workbench.data.length import apply_length_policy
-    from workbench.data.records import load_conversations
+    from workbench.data.length import fit
+    from workbench.data.records import iter_conversations
+    from workbench.errors import DataError
     from workbench.model.modeling import IGNORE_INDEX
 
-    loaded = load_conversations(cfg.train, cfg)
-    convs = loaded.conversations
-    print(f"{file}: {loaded.n_rows} records, {len(convs)} valid, {len(loaded.problems)} bad")
-    images = [im for c in convs for im in c.images]
-    if convs:
-        n_img = [len(c.images) for c in convs]
-        print(f"turns per record: {_stats([len(c.turns) for c in convs])}")
-        print(f"images per record: {_stats(n_img)}; {len(images)} in all, {len({im.file for im in images})} distinct")
-    if images:
-        print(f"image width: {_stats([im.size[0] for im in images])}")
-        print(f"image height: {_stats([im.size[1] for im in images])}")
     tokenizer = _tokenizer(model)
-    problems = list(loaded.problems)
+    stats = {key: array("l") for key in ("turns", "images", "width", "height", "tokens", "supervised")}
+    n_rows, n_bad, first_problems = 0, 0, []
+    length = Counter()
+    images_seen: set[str] = set()
+    headers: dict = {}  # one header read per distinct image (sizes only, small)
+    for item in tqdm(iter_conversations(cfg.train, cfg, headers), desc="checking", unit=" records",
+                     file=sys.stderr, mininterval=2, disable=None):  # no bar when not a terminal
+        n_rows += 1
+        problems: list[DataError] = [item] if isinstance(item, DataError) else []
+        if not problems:
+            stats["turns"].append(len(item.turns))
+            stats["images"].append(len(item.images))
+            for image in item.images:
+                if str(image.file) not in images_seen:
+                    images_seen.add(str(image.file))
+                stats["width"].append(image.size[0])
+                stats["height"].append(image.size[1])
+            if tokenizer is not None:
+                for sample in build_samples([item], tokenizer, cfg, problems):
+                    stats["tokens"].append(len(sample))
+                    stats["supervised"].append(sum(v != IGNORE_INDEX for v in sample.labels))
+                    out = fit(sample, cfg.max_length, cfg.overflow)
+                    length[out if isinstance(out, str) else "cut at a turn boundary" if len(out) < len(sample)
+                           else "kept"] += 1
+        n_bad += bool(problems)
+        first_problems += problems[:max(0, 10 - len(first_problems))]
+    print(f"{file}: {n_rows} records, {n_rows - n_bad} valid, {n_bad} bad")
+    if stats["turns"]:
+        print(f"turns per record: {_stats(stats['turns'])}")
+        print(f"images per record: {_stats(stats['images'])}; {len(stats['width'])} in all, "
+              f"{len(images_seen)} distinct")
+    if stats["width"]:
+        print(f"image width: {_stats(stats['width'])}")
+        print(f"image height: {_stats(stats['height'])}")
     if tokenizer is None:
         print("token lengths: pass --model (or a --config with model:) to see them")
-    else:
-        samples = build_samples(convs, tokenizer, cfg, problems)
-        if samples:
-            print(f"tokens per record: {_stats([len(s) for s in samples])}")
-            print(f"supervised tokens per record: {_stats([sum(v != IGNORE_INDEX for v in s.labels) for s in samples])}")
-            _, report = apply_length_policy(samples, cfg.max_length, cfg.overflow)
-            print(f"max_length {cfg.max_length}, overflow {cfg.overflow}: {report.summary()}")
-    if problems:
-        print(f"\nfirst problems ({len(problems)} in all):")
-        for p in problems[:10]:
+    elif stats["tokens"]:
+        print(f"tokens per record: {_stats(stats['tokens'])}")
+        print(f"supervised tokens per record: {_stats(stats['supervised'])}")
+        print(f"max_length {cfg.max_length}, overflow {cfg.overflow}: "
+              + ", ".join(f"{n} {why}" for why, n in sorted(length.items())))
+    if first_problems:
+        print(f"\nfirst problems ({n_bad} bad records in all):")
+        for p in first_problems:
             print(f"  {p}")
-    return 1 if problems else 0
+        raise DataError(f"{n_bad} bad record{'s' * (n_bad > 1)} of {n_rows}; the first: {first_problems[0]}")
+    return 0
 
 
 def preview(file: str, cfg: Any, model: str | None, n: int) -> int:
@@ -120,6 +149,6 @@ def preview(file: str, cfg: Any, model: str | None, n: int) -> int:
     return 0
 
 
-def _stats(values: list[int]) -> str:
+def _stats(values: Sequence[int]) -> str:
     return (f"min {min(values)}, median {statistics.median(values):g}, mean {statistics.fmean(values):.1f}, "
             f"max {max(values)}")

@@ -16,8 +16,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="run config YAML (model, dtype, adapter, adapter_overrides, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set adapter_overrides.llm.r=16")
+    p.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+                   help="also estimate the memory per device when FSDP / ZeRO-3 shard the run over N devices")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of devices (1 or more), not {text!r}")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from workbench.train.config import load_run_config
 
     config = load_run_config(args.config, args.set)
-    report = inspect_recipe(config.model, config.recipe, config.dtype)
+    report = inspect_recipe(config.model, config.recipe, config.dtype, devices=args.devices)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -60,4 +68,12 @@ def format_report(report: dict) -> str:
         f"total {m['total'] / GIB:.2f} / {m['total_4bit'] / GIB:.2f} GiB",
         f"  ({report['memory_formula']})",
     ]
+    if "memory_per_device" in report:
+        d = report["memory_per_device"]
+        lines += [
+            f"sharded over {d['devices']} devices (FSDP / ZeRO-3): {d['per_device'] / GIB:.2f} GiB per device = "
+            f"{d['divided'] / GIB:.2f} GiB divided (weights, grads, AdamW / {d['devices']}) + "
+            f"{d['gathered'] / GIB:.2f} GiB gathered in full while computing",
+            f"  ({d['formula']}; activations excluded)",
+        ]
     return "\n".join(lines)

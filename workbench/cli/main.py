@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, describe
 
 # bitsandbytes warns at import, on CPUs with AVX512-BF16, that an optional CPU 4-bit kernel
 # package is missing. The workbench never uses that kernel (adapters/quantize.py turns the CPU
@@ -23,6 +23,7 @@ COMMANDS = ["train", "merge", "inspect", "data", "eval", "chat", "serve", "bench
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description="Fine-tune Qwen-VL-Chat with LoRA/QLoRA.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         try:
@@ -40,11 +41,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except WorkbenchError as err:
+        if args.debug:
+            raise
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:  # a dependency's error: one line, the traceback only with --debug
+        if args.debug:
+            raise
+        line, users = describe(err)
+        print(f"error: {line} (workbench --debug ... shows the traceback)", file=sys.stderr)
+        return 2 if users else 1
 
 
 if __name__ == "__main__":

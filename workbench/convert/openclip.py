@@ -19,6 +19,7 @@ importing, and so does this importer (the weights are unchanged, only the epsilo
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, first_line
 from workbench.model.checkpoint import ShardWriter, copy_non_weight_files, iter_shards, resolve_model_dir
 from workbench.model.config import QWenConfig, load_config
 from workbench.model.resampler import get_2d_sincos_pos_embed, get_abs_pos
@@ -94,8 +95,11 @@ def load_openclip_visual(model_name: str, weights: str | os.PathLike | None) -> 
 
     try:
         model = open_clip.create_model(model_name, pretrained=str(weights) if weights else None)
-    except RuntimeError as e:
-        raise CheckpointError(f"{weights}: OpenCLIP could not load it as {model_name} ({e})") from None
+    except pickle.UnpicklingError as e:  # weights-only loading refused a Python object: nothing ran
+        raise CheckpointError(f"{weights}: holds pickled Python objects, not only tensors, and was not loaded "
+                              f"({first_line(e, 120)})") from None
+    except (RuntimeError, OSError, ValueError) as e:
+        raise CheckpointError(f"{weights}: OpenCLIP could not load it as {model_name} ({first_line(e)})") from None
     return model.visual
 
 

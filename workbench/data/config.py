@@ -15,6 +15,10 @@ class DataConfig:
     eval_fraction: float = option(0.0, ge=0, lt=1)  # held out of `train` when `eval` is empty
     image_root: str | None = None        # image paths are relative to this, else to the data file
     allow_outside_root: bool = False
+    # How records' images are checked before training: `header` (size and file structure, fast) or
+    # `decode` (every pixel, what `workbench data check` does). Larger images are refused.
+    check_images: Literal["header", "decode"] = "header"
+    max_image_pixels: int = option(8192 * 8192, gt=0)
     format: Literal["auto", "official", "structured", "refcoco_eval"] = "auto"
     template: str = "chatml"             # name in data_templates/ or a path to a YAML file
     system: str | None = None            # None: the record's system turn, else the template's default

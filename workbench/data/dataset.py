@@ -133,6 +133,8 @@ def _load(paths: tuple[str, ...], cfg: DataConfig, tokenizer: Any, report: DataR
 
 
 def bad_records_error(problems: list[DataError]) -> DataError:
+    if len(problems) == 1:
+        return DataError(f"{problems[0]} (set data.on_bad_record: skip to train without it)")
     listed = "\n  ".join(str(p) for p in problems[:MAX_LISTED_PROBLEMS])
     more = f"\n  ... and {len(problems) - MAX_LISTED_PROBLEMS} more" if len(problems) > MAX_LISTED_PROBLEMS else ""
     return DataError(f"{len(problems)} bad records (set data.on_bad_record: skip to train without them):\n  "

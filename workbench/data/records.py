@@ -123,17 +123,25 @@ def find_files(paths: tuple[str, ...] | list[str]) -> list[Path]:
 def load_conversations(paths: tuple[str, ...] | list[str], cfg: DataConfig) -> LoadResult:
     """Read and validate every record of every file; bad records become `problems`."""
     result = LoadResult()
-    headers: dict[Path, tuple[int, int] | DataError] = {}  # one header read per distinct image
+    for item in iter_conversations(paths, cfg):
+        result.n_rows += 1
+        (result.problems if isinstance(item, DataError) else result.conversations).append(item)
+    return result
+
+
+def iter_conversations(paths: tuple[str, ...] | list[str], cfg: DataConfig,
+                       headers: dict[Path, tuple[int, int] | DataError] | None = None
+                       ) -> Iterator[Conversation | DataError]:
+    """Every record as a Conversation or the DataError that says what is wrong with it, one at a time."""
+    headers = {} if headers is None else headers  # one header read per distinct image
     for path in find_files(paths):
         for index, row in iter_rows(path):
-            result.n_rows += 1
             try:
                 if isinstance(row, DataError):
                     raise row
-                result.conversations.append(parse_record(row, str(path), index, cfg, headers))
+                yield parse_record(row, str(path), index, cfg, headers)
             except DataError as err:
-                result.problems.append(err)
-    return result
+                yield err
 
 
 def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
@@ -146,8 +154,8 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
         for i, row in enumerate(datasets.Dataset.from_parquet(str(path))):
             yield i, row
         return
-    text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix == ".json":
+        text = path.read_text(encoding="utf-8", errors="replace")
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
@@ -159,17 +167,19 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
             for i, row in enumerate(rows):
                 yield i, row if isinstance(row, dict) else _not_object(path, i, row)
             return
-    index = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            yield index, row if isinstance(row, dict) else _not_object(path, index, row)
-        except json.JSONDecodeError as err:
-            yield index, DataError(f"unreadable JSON on line {lineno}: {err.msg} (column {err.colno})",
-                                   file=str(path), record=index)
-        index += 1
+    # JSONL: one line at a time, so a file of any size streams in constant memory.
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        index = 0
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                yield index, row if isinstance(row, dict) else _not_object(path, index, row)
+            except json.JSONDecodeError as err:
+                yield index, DataError(f"unreadable JSON on line {lineno}: {err.msg} (column {err.colno})",
+                                       file=str(path), record=index)
+            index += 1
 
 
 def _not_object(path: Path, index: int, row: Any) -> DataError:
@@ -405,15 +415,15 @@ def _image(path: str, ctx: _Context, where: str) -> Image:
         raise ctx.error(f"image path {path} leads outside the image root {ctx.root} "
                         "(set data.allow_outside_root: true if that is intended)", where)
     if file not in ctx.headers:
-        ctx.headers[file] = _read_header(file)
+        ctx.headers[file] = _read_header(file, ctx.cfg)
     size = ctx.headers[file]
     if isinstance(size, DataError):
         raise ctx.error(f"{size} ({path})", where)
     return Image(path, file, size)
 
 
-def _read_header(file: Path) -> tuple[int, int] | DataError:
+def _read_header(file: Path, cfg: DataConfig) -> tuple[int, int] | DataError:
     try:
-        return read_image_size(file)
+        return read_image_size(file, decode=cfg.check_images == "decode", max_pixels=cfg.max_image_pixels)
     except WorkbenchError as err:
         return DataError(str(err))

@@ -9,6 +9,7 @@ until the bytes of a character are complete. `draw_answer` is the workbench's
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -19,7 +20,7 @@ from transformers import TextStreamer
 from transformers.generation.streamers import BaseStreamer
 
 from workbench.data.boxes import denormalize_box
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, first_line
 from workbench.eval.draw import draw_boxes, save_png
 from workbench.eval.parse import parse_boxes
 from workbench.model.image_processing import load_image, preprocess
@@ -34,12 +35,38 @@ def load_for_inference(model: str, adapter: str | None = None, dtype: str | None
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     base = load_model(model, dtype=dtype, device=device)
     if adapter is not None:
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise CheckpointError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        from peft import PeftModel
-
-        base = PeftModel.from_pretrained(base, adapter).eval()
+        base = load_adapter(base, adapter)
     return base, load_tokenizer(model)
+
+
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def load_adapter(base, adapter: str | Path):
+    """PeftModel of `base` with the adapter folder applied; every way it can fail is one line."""
+    from peft import PeftModel
+
+    from workbench.model.checkpoint import check_finite, load_weight_file
+
+    folder = Path(adapter)
+    config = folder / "adapter_config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config}: not valid JSON ({first_line(err)})") from None
+    weights = next((folder / n for n in ADAPTER_WEIGHTS if (folder / n).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{adapter}: no {' or '.join(ADAPTER_WEIGHTS)} (the adapter's weights)")
+    check_finite(load_weight_file(weights), weights)  # also refuses a pickled payload, by name
+    try:
+        return PeftModel.from_pretrained(base, str(folder)).eval()
+    except RuntimeError as err:  # load_state_dict: size mismatch
+        raise CheckpointError(f"{adapter}: does not fit the base model (trained on another base?): "
+                              f"{first_line(err, 160)}") from None
+    except ValueError as err:  # PEFT: target modules not in the model, and similar
+        raise CheckpointError(f"{adapter}: cannot be applied to this model: {first_line(err, 200)}") from None
 
 
 class AnswerStreamer(TextStreamer):

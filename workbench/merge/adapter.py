@@ -27,7 +27,7 @@ import torch
 from peft.utils.other import get_pattern_key
 
 from workbench.errors import CheckpointError
-from workbench.model.checkpoint import load_weight_file
+from workbench.model.checkpoint import check_finite, load_weight_file
 from workbench.run_folder import read_record
 
 PREFIX = "base_model.model."
@@ -72,6 +72,7 @@ def read_adapter(adapter_dir: str | Path, base_keys: set[str]) -> Adapter:
     config = _read_config(adapter_dir)
     weights_file = _find_weights(adapter_dir)
     tensors = load_weight_file(weights_file)
+    check_finite(tensors, weights_file)
     adapter = Adapter(adapter_dir, weights_file, config)
     adapter.run_record_file, adapter.run_record = read_record(adapter_dir)
 

@@ -24,6 +24,29 @@ from workbench.merge.adapter import Adapter, LoraDelta, read_adapter
 from workbench.merge.report import build_report, check_base_fingerprint, write_report
 from workbench.model import checkpoint
 
+TEMP_PREFIX = ".{name}.merging-"  # + the pid of the merge that writes it
+
+
+def remove_stale_temp_folders(out: Path) -> list[Path]:
+    """Delete the temporary folders of merges into `out` whose process is gone (killed, crashed)."""
+    removed = []
+    for folder in out.parent.glob(f"{TEMP_PREFIX.format(name=out.name)}*"):
+        pid = folder.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
 
 def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
                   max_shard_size: int | str = "2GB", force: bool = False, overwrite: bool = False,
@@ -41,7 +64,8 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dty
     base_fingerprint = checkpoint.fingerprint(base_dir)
     fingerprint_check = check_base_fingerprint(lora, base_fingerprint, base_dir, force)
 
-    tmp = out.parent / f".{out.name}.merging-{os.getpid()}"
+    remove_stale_temp_folders(out)
+    tmp = out.parent / f"{TEMP_PREFIX.format(name=out.name)}{os.getpid()}"
     try:
         tmp.mkdir(parents=True)
         written = stream_merge(base_dir, lora, tmp, dtype, max_shard_size)
@@ -70,6 +94,7 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
         for key in list(shard):
             # pop: hold no reference of our own, so each input tensor lives no longer than the loader's shard
             tensor, action = merge_tensor(key, shard.pop(key), lora, dtype)
+            checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
             writer.add(key, tensor)
             if action:
                 done[key] = action

@@ -9,9 +9,11 @@ exists twice in memory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -26,7 +28,7 @@ from transformers.utils.hub import convert_file_size_to_int
 
 from workbench.atomic import follow_umask, write_json
 from workbench.dtypes import TORCH_DTYPES
-from workbench.errors import CheckpointError
+from workbench.errors import CheckpointError, first_line
 from workbench.model.config import QWenConfig, load_config, precision_dtype
 
 SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
@@ -149,9 +151,12 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: weight file listed in the index is missing") from None
+    except pickle.UnpicklingError as e:  # weights-only loading refused a Python object: nothing ran
+        raise CheckpointError(f"{path}: holds pickled Python objects, not only tensors, and was not loaded "
+                              f"({first_line(e, 120)}); convert it to safetensors where it came from") from None
     except Exception as e:  # truncated or corrupt: safetensors/pickle errors of many types
         raise CheckpointError(f"{path}: cannot read weight file, truncated or corrupt? "
-                              f"({type(e).__name__}: {e})") from None
+                              f"({type(e).__name__}: {first_line(e)})") from None
 
 
 def iter_shards(model_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
@@ -221,11 +226,30 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
             if tensor.shape != expected[key]:
                 raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}, "
                                       f"the config expects {list(expected[key])}")
+        check_finite(tensors, path)
         tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
         model.load_state_dict(tensors, strict=False, assign=True)
     if (model_dir / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(model_dir)
+        except Exception as err:  # malformed JSON or values GenerationConfig refuses
+            raise CheckpointError(f"{model_dir / 'generation_config.json'}: cannot be read ({first_line(err)}); "
+                                  "fix it or delete it to use the defaults") from None
     return model.eval()
+
+
+def check_finite(tensors: dict[str, torch.Tensor], path: Path | str) -> None:
+    """A NaN or inf in a weight is an error naming the tensor (it would poison every output silently)."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise CheckpointError(f"{path}: tensor {key} holds NaN or inf values; the file is damaged "
+                                  "(or was saved from a diverged run)")
+
+
+def _all_finite(tensor: torch.Tensor, chunk: int = 1 << 24) -> bool:
+    # In chunks: isfinite makes a bool copy, and the embedding alone is 622M values in the release.
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk))
 
 
 def parse_size(size: int | str) -> int:
@@ -268,7 +292,12 @@ class ShardWriter:
         ext = "safetensors" if self.layout == "safetensors" else "bin"
         tmp = self.out_dir / f".tmp-shard-{len(self._shards) + 1:05d}.{ext}"
         if self.layout == "safetensors":
-            save_file(self._current, tmp, metadata={"format": "pt"})
+            try:
+                save_file(self._current, tmp, metadata={"format": "pt"})
+            except Exception as err:  # safetensors reports a full disk as its own error type
+                if "os error 28" in str(err) or "No space left" in str(err):
+                    raise OSError(errno.ENOSPC, "No space left on device", str(self.out_dir)) from None
+                raise
             follow_umask(tmp)
         else:
             torch.save(self._current, tmp)

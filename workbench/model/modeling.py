@@ -124,6 +124,10 @@ class QWenModel(QWenPreTrainedModel):
         self.ln_f = RMSNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.visual = VisionTransformer(**config.visual)
         self.image_root: str | Path | None = None  # where relative image paths inside the ids are read
+        # Set when the ViT's weights are sharded over ranks (FSDP, ZeRO-3): each rank gathers them
+        # module by module in collectives, so every rank must run the ViT in every training step,
+        # frozen or not, or a text-only batch on one rank deadlocks against an image on another.
+        self.sharded_visual = False
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -150,10 +154,11 @@ class QWenModel(QWenPreTrainedModel):
             pixels = pixel_values if pixel_values is not None else self._read_images(input_ids, spans)
             return spans, self.visual(pixels)
         # rev-B keeps a trainable ViT in the graph (its grads are zero tensors, not None); a frozen
-        # one needs no dummy image at all.
-        if self.training and any(p.requires_grad for p in self.visual.parameters()):
-            weight = self.visual.conv1.weight
-            dummy = torch.zeros(1, 3, DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE, dtype=weight.dtype, device=weight.device)
+        # one needs no dummy image at all, unless it is sharded.
+        if self.training and (self.sharded_visual or any(p.requires_grad for p in self.visual.parameters())):
+            # Built without touching a ViT weight: under ZeRO-3 reading one outside the ViT's forward
+            # gathers it, on the ranks with a text-only batch alone. The ViT casts it to its dtype.
+            dummy = torch.zeros(1, 3, DUMMY_IMAGE_SIZE, DUMMY_IMAGE_SIZE, device=input_ids.device)
             return [], self.visual(dummy)
         return [], None
 

@@ -26,7 +26,7 @@ from workbench import run_folder
 from workbench.atomic import write_json
 from workbench.errors import ConfigError
 from workbench.model.modeling import IGNORE_INDEX
-from workbench.train import record
+from workbench.train import distributed, record
 from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard
 from workbench.train.config import RunConfig
 from workbench.train.plots import plot_loss_curve
@@ -46,6 +46,14 @@ class WorkbenchTrainer(Trainer):
         # the loss and the gradients do not depend on how the batch is split.
         self.model_accepts_loss_kwargs = True
         self._loss_shifts_labels = True  # count labels[:, 1:], the positions the model predicts
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        if distributed.cpu_fsdp_requested():  # accelerate would quietly run an FSDP launch on CPU as DDP
+            distributed.enable_cpu_fsdp(self.accelerator)
+            self.is_fsdp_enabled = True
+        if distributed.shards_parameters(self.accelerator):
+            self.model.get_base_model().transformer.sharded_visual = True
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
@@ -76,7 +84,8 @@ class WorkbenchTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # Under FSDP / DeepSpeed the Trainer passes the gathered full `state_dict`: use it.
-        save_adapter(self.accelerator.unwrap_model(self.model), output_dir, state_dict=state_dict)
+        with distributed.without_checkpoint_wrappers(self.accelerator.unwrap_model(self.model)) as model:
+            save_adapter(model, output_dir, state_dict=state_dict)
 
     def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
                  metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -94,6 +103,15 @@ class WorkbenchTrainer(Trainer):
             if not self.has_loss_eval:  # super().evaluate did not run, so tell the callbacks here
                 self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        # A save that fails (a full disk) leaves no half-written checkpoint-N for --resume to trip on.
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if self.is_world_process_zero():
+                run_folder.remove_incomplete_checkpoints(Path(self.args.output_dir))
+            raise
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
                       num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
@@ -157,6 +175,8 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,  # the collator's batch goes to the model as it is
         use_cpu=_cpu_only(),
+        # TrainingArguments sets accelerate's process group up again: the same backend as train()'s
+        ddp_backend=distributed.partial_state_kwargs(_cpu_only()).get("backend"),
         # every trainable parameter is used in every step (text-only batches run the ViT on a
         # dummy image, docs/qwen-vl.md §5.7), so DDP need not search the graph for unused ones
         ddp_find_unused_parameters=False,
@@ -166,8 +186,9 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
 
 
 def _cpu_only() -> bool:
-    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told it is on CPU.
-    return not torch.cuda.is_available()
+    # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told it is on CPU;
+    # DeepSpeed on CPU is the exception (see distributed.partial_state_kwargs).
+    return not torch.cuda.is_available() and not distributed.cpu_deepspeed_requested()
 
 
 @dataclass
@@ -279,8 +300,10 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
 
     Nothing is written to train.output_dir until the model, the data and the folder have been checked.
     """
-    state = PartialState(cpu=_cpu_only())  # sets up the process group under `accelerate launch`
+    # sets up the process group under `accelerate launch`
+    state = PartialState(**distributed.partial_state_kwargs(cpu=_cpu_only()))
     out = Path(config.train.output_dir)
+    distributed.check_launch(config)
     # Every rank checks before any rank writes, or rank 1 would find rank 0's fresh record.
     checked = preflight(config, resume)
     data = build_data(config, checked.tokenizer, checked.image_size)
@@ -297,6 +320,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     run_record = None
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        for folder in run_folder.remove_incomplete_checkpoints(out):
+            print(f"removed {folder}: a checkpoint save that was cut short")
         record.check_disk_space(out, trainable, _kept_checkpoints(config, data))
         run_record = record.start_run_record(out, config, trainable, data.files, checked.resume_from,
                                              processes=state.num_processes)
@@ -316,6 +341,9 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     )
     for default in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default)
+    if state.is_main_process:
+        run_record["sessions"][-1]["distributed"] = distributed.describe(trainer.accelerator)
+        write_json(out / run_folder.RECORD_NAME, run_record)
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback):  # one fixed folder instead of runs/<date>
             callback.logging_dir = str(out / "tensorboard")
