@@ -98,19 +98,6 @@ def option(default: Any = dataclasses.MISSING, *, ge: float | None = None, gt: f
     return dataclasses.field(default=default, metadata=meta)
 
 
-def choices(cls: type, name: str) -> tuple[Any, ...]:
-    """The `Literal` choices declared for field `name` (for argparse `choices=` and messages)."""
-    hint = typing.get_type_hints(cls)[name]
-    for option_ in _options(hint):
-        if typing.get_origin(option_) is Literal:
-            return typing.get_args(option_)
-    raise TypeError(f"{cls.__name__}.{name} is not a Literal field")
-
-
-def field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
-
 # ---- validation ----------------------------------------------------------------------------------
 
 Locate = Callable[[str], str]  # relative dotted key -> "file: full.dotted.key"
