@@ -16,6 +16,11 @@ def test_factory_reproduces_the_reference_tiny_model(tmp_path, tiny_ref_dir):
     ours, ref = load_file(out / "model.safetensors"), load_file(tiny_ref_dir / "model.safetensors")
     assert sorted(ours) == sorted(ref)
     for key in ref:  # same draws, same scales, sin-cos pos_embed, 0.01 padding rows of lm_head
+        if key.endswith("attn_pool.pos_embed"):
+            # numpy's float32 sin/cos take CPU-specific SIMD paths: on some CPUs a few entries of the
+            # fixed sin-cos table differ from the reference machine's by one ulp (4.8e-7).
+            torch.testing.assert_close(ours[key], ref[key], atol=5e-7, rtol=0, msg=key)
+            continue
         assert torch.equal(ours[key], ref[key]), key
     config, ref_config = (json.loads((d / "config.json").read_text()) for d in (out, tiny_ref_dir))
     assert {k: v for k, v in config.items() if k != "transformers_version"} == \
