@@ -68,6 +68,4 @@ def describe(err: BaseException) -> tuple[str, bool]:
     if isinstance(err, pickle.UnpicklingError):
         return (f"refused to unpickle a file that holds Python objects, not only tensors ({first_line(err)}); "
                 "convert it to safetensors where it came from"), True
-    if isinstance(err, (ValueError, KeyError, TypeError, RuntimeError)):
-        return f"{type(err).__name__}: {first_line(err)}", False
     return f"{type(err).__name__}: {first_line(err)}", False

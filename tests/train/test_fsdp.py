@@ -43,6 +43,18 @@ def adapter(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "adapter_model.safetensors")
 
 
+def assert_same_run(one: Path, two: Path, loss_atol: float, weight_atol: float) -> None:
+    """Runs `one` and `two` logged the same 5 losses and saved the same adapter, within the tolerances."""
+    a, b = losses(one), losses(two)
+    assert sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=loss_atol), step
+    wa, wb = adapter(one), adapter(two)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=weight_atol, rtol=0, msg=key)
+
+
 def launch(args: list[str], config: str = "fsdp") -> subprocess.CompletedProcess:
     """`accelerate launch` of configs/accelerate/<config>.yaml on 2 CPU processes (CUDA hidden, also on a GPU machine)."""
     with socket.socket() as s:  # a free port, so parallel test workers do not collide
@@ -102,16 +114,12 @@ def runs(make_config, single) -> dict[str, Path]:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_fsdp_on_two_processes_matches_one_process(runs, recipe):
     one, two = runs[f"single-{recipe}"], runs[f"fsdp-{recipe}"]
-    a, b = losses(one), losses(two)
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
-    assert a[5] < a[1]
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
-    wa, wb = adapter(one), adapter(two)
-    assert wa.keys() == wb.keys() and len(wa) > 0
+    a = losses(one)
+    assert sorted(a) == [1, 2, 3, 4, 5] and a[5] < a[1]
+    assert_same_run(one, two, loss_atol=1e-5, weight_atol=1e-6)
+    wa = adapter(one)
+    assert len(wa) > 0
     assert any("attn_pool.query" in k for k in wa) == (recipe == "all3")  # the tensor trained in place
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
     ca, cb = (json.loads((run / "adapter_config.json").read_text()) for run in (one, two))
     assert set(cb.pop("target_modules")) == set(ca.pop("target_modules")) and cb == ca  # PEFT writes a set
 
@@ -134,14 +142,7 @@ def test_fsdp_run_interrupted_and_resumed_matches_the_uninterrupted_run(runs):
     assert [s["resumed_from"] for s in run["sessions"]] == [None, f"checkpoint-{STOP}"]
     assert [s["distributed"]["type"] for s in run["sessions"]] == ["FSDP", "FSDP"]
 
-    a, b = losses(straight), losses(resumed)
-    assert sorted(b) == [1, 2, 3, 4, 5]
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-6), step
-    wa, wb = adapter(straight), adapter(resumed)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0, msg=key)
+    assert_same_run(straight, resumed, loss_atol=1e-6, weight_atol=1e-6)
 
 
 @pytest.mark.slow
@@ -234,14 +235,7 @@ def test_deepspeed_zero_on_two_cpu_processes(deepspeed, make_config, single, con
     path = make_config(config, recipe, batch_size=2)
     launch(["-m", "workbench.cli.main", "train", str(path)], config=config)
     one, two = single[recipe], path.parent / "run"
-    a, b = losses(one), losses(two)
-    assert sorted(b) == [1, 2, 3, 4, 5]
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-5), step
-    wa, wb = adapter(one), adapter(two)
-    assert wa.keys() == wb.keys()
-    for key in wa:
-        torch.testing.assert_close(wb[key], wa[key], atol=atol, rtol=0, msg=key)
+    assert_same_run(one, two, loss_atol=1e-5, weight_atol=atol)
     session = json.loads((two / "workbench_run.json").read_text())["sessions"][-1]["distributed"]
     assert session["type"] == "DEEPSPEED" and session["world_size"] == 2 and session["backend"] == "gloo"
     assert session["deepspeed"]["zero_stage"] == int(config[-1])

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from workbench.errors import WorkbenchError
 
@@ -48,15 +48,20 @@ def load_image(path: str | Path, root: str | Path | None = None, max_pixels: int
         raise WorkbenchError(f"cannot read image {full}: {err}") from None
 
 
-def decode_image(data: bytes, what: str, max_pixels: int | None = None) -> Image.Image:
-    """`load_image` for bytes (an upload, a data URL); `what` names them in errors."""
+def decode_image(data: bytes, what: str, max_pixels: int | None = None,
+                 formats: tuple[str, ...] | None = None) -> Image.Image:
+    """`load_image` for bytes (an upload, a data URL); `what` names them in errors. `formats` limits
+    the decoders PIL may pick (a server refuses EPS, whose decoder runs Ghostscript)."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=formats) as image:
             _check_pixels(image, what, max_pixels)
             image.load()
             return to_rgb(ImageOps.exif_transpose(image))
     except WorkbenchError:
         raise
+    except UnidentifiedImageError:
+        kinds = f" in a supported format ({', '.join(formats)})" if formats else ""
+        raise WorkbenchError(f"{what}: not an image{kinds}") from None
     except Exception as err:
         raise WorkbenchError(f"{what}: not a readable image ({err})") from None
 
