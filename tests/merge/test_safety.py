@@ -119,3 +119,44 @@ def test_verify_catches_a_wrong_merge(adapters, tiny_base, tmp_path, monkeypatch
     with pytest.raises(WorkbenchError, match="verify failed"):
         merge_adapter(tiny_base, adapters("resampler"), tmp_path / "out", dtype=torch.float32, verify=True)
     assert list(tmp_path.iterdir()) == []
+
+
+def _record_opens(monkeypatch) -> list[str]:
+    """Every read of a base weight file by the merge: hashing it and loading it."""
+    from workbench.model import checkpoint
+
+    opened: list[str] = []
+    real_sha, real_load = checkpoint.sha256_file, checkpoint.load_weight_file
+
+    def sha(path):
+        opened.append(f"hash {path.name}")
+        return real_sha(path)
+
+    def load(path, mmap=False):
+        opened.append(f"load {path.name}")
+        return real_load(path, mmap=mmap)
+
+    monkeypatch.setattr(checkpoint, "sha256_file", sha)
+    monkeypatch.setattr(merge_mod.checkpoint, "load_weight_file", load)
+    return opened
+
+
+def test_wrong_base_fails_on_its_first_hash_before_any_weight_is_loaded(adapters, other_base, tmp_path,
+                                                                        monkeypatch):
+    adapter = adapters("llm")  # built before instrumenting: building it loads and hashes a model
+    opened = _record_opens(monkeypatch)
+    with pytest.raises(CheckpointError, match="different base"):
+        merge_adapter(other_base, adapter, tmp_path / "out")
+    assert opened == ["hash config.json", "hash model.safetensors"]  # same config, other weights
+
+
+def test_each_base_file_is_hashed_and_loaded_once(adapters, tiny_base, tmp_path, monkeypatch):
+    adapter = adapters("llm")
+    opened = _record_opens(monkeypatch)
+    report = merge_adapter(tiny_base, adapter, tmp_path / "out")
+    weights = list(report["base_fingerprint"]["weights"])
+    assert report["base_fingerprint_check"] == "match"
+    # The fingerprint comes from the same pass as the merge: no file is read for it a second time
+    # (the weight map and the specs read only the safetensors header: no tensor bytes).
+    assert sorted(opened) == sorted(["hash config.json", *(f"hash {w}" for w in weights),
+                                     *(f"load {w}" for w in weights)])

@@ -67,15 +67,15 @@ def test_sigkill_during_merge_then_rerun(tmp_path, model_and_adapter):
     proc = _run_until_marker(f"""
         import time
         from pathlib import Path
-        from workbench.model import checkpoint
         from workbench.merge.merge import merge_adapter
-        add = checkpoint.ShardWriter.add
+        from workbench.model.shard_writer import ShardWriter
+        add = ShardWriter.add
         def slow_add(self, name, tensor):
             add(self, name, tensor)
-            if len(self._shards) >= 1:   # a shard is on disk in the temp folder: die here
+            if len(self.written) >= 1:   # a shard is on disk in the temp folder: die here
                 Path({str(marker)!r}).touch()
                 time.sleep(600)
-        checkpoint.ShardWriter.add = slow_add
+        ShardWriter.add = slow_add
         merge_adapter({str(model)!r}, {str(adapter)!r}, {str(out)!r}, max_shard_size=20000)
     """, marker)
     _kill(proc)

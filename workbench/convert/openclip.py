@@ -28,9 +28,16 @@ from torch import nn
 from tqdm import tqdm
 
 from workbench.errors import CheckpointError, first_line
-from workbench.model.checkpoint import ShardWriter, copy_non_weight_files, iter_shards, resolve_model_dir
+from workbench.model.checkpoint import (
+    copy_non_weight_files,
+    iter_shards,
+    parse_size,
+    resolve_model_dir,
+    shard_files,
+)
 from workbench.model.config import QWenConfig, load_config
 from workbench.model.resampler import get_2d_sincos_pos_embed, get_abs_pos
+from workbench.model.shard_writer import ShardWriter, TensorSpec
 from workbench.model.vision import N_QUERIES
 
 VISUAL = "transformer.visual."
@@ -132,7 +139,11 @@ def import_openclip(visual: nn.Module, base: str | os.PathLike, out_dir: str | o
     if out_dir.exists():
         raise CheckpointError(f"{out_dir}: already exists; choose a new output folder")
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    writer = ShardWriter(tmp, max_shard_size)
+    for key, tensor in trunk.items():
+        if tensor.shape != shapes[key]:
+            raise CheckpointError(f"converted {key} has shape {tuple(tensor.shape)}, the config needs "
+                                  f"{tuple(shapes[key])}")
+    dtype = config.dtype or torch.bfloat16  # the release's stored dtype (config.json torch_dtype)
     generator = torch.Generator().manual_seed(seed)
 
     def source(key: str) -> str:
@@ -140,17 +151,15 @@ def import_openclip(visual: nn.Module, base: str | os.PathLike, out_dir: str | o
             return "openclip"
         return resampler if RESAMPLER.match(key) else llm
 
-    for key, tensor in trunk.items():
-        if tensor.shape != shapes[key]:
-            raise CheckpointError(f"converted {key} has shape {tuple(tensor.shape)}, the config needs "
-                                  f"{tuple(shapes[key])}")
-    dtype = config.dtype or torch.bfloat16  # the release's stored dtype (config.json torch_dtype)
+    base_keys = [k for _, keys in shard_files(base_dir) for k in keys if source(k) == "base" and k in shapes]
+    order = [k for k in shapes if source(k) == "fresh"] + base_keys + list(trunk)
+    writer = ShardWriter(tmp, [TensorSpec(k, dtype, tuple(shapes[k])) for k in order], parse_size(max_shard_size))
     for key in (k for k in shapes if source(k) == "fresh"):
         writer.add(key, fresh_tensor(key, shapes[key], config, generator).to(dtype))
     if "base" in (resampler, llm):
         for _, tensors in tqdm(iter_shards(base_dir), desc="copying base weights", unit="shard"):
             for key, tensor in tensors.items():
-                if source(key) == "base":
+                if source(key) == "base" and key in shapes:
                     writer.add(key, tensor.to(dtype))
     for key, tensor in trunk.items():
         writer.add(key, tensor.to(dtype))

@@ -1,9 +1,11 @@
 """Stream a base checkpoint shard by shard, fold a LoRA adapter into it, write the release layout.
 
-Peak memory is the input shard, the output shard being filled, and the adapter: a 9.6B model
-merges on a 24 GiB machine. Output weights are safetensors shards + index (the release's
-pytorch_model-*.bin layout is read, not written: safetensors loads without unpickling). The maths runs in float32 and is cast once to the output dtype;
-tensors the adapter does not touch are passed through untouched (bit for bit unless --dtype).
+Peak memory is the mapped input shard, the tensor being merged, and the adapter: a 9.6B model
+merges on a 24 GiB machine at about the speed of copying its files (BENCHMARKS.md). Output
+weights are safetensors shards + index (the release's pytorch_model-*.bin layout is read, not
+written: safetensors loads without unpickling). The maths runs in float32 and is cast once to the
+output dtype; tensors the adapter does not touch are passed through untouched (bit for bit
+unless --dtype).
 The output is built in a hidden folder next to OUT and renamed at the end, so an interrupted
 merge never leaves a partial OUT.
 """
@@ -13,16 +15,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from workbench.atomic import write_json
 from workbench.dtypes import FLAG_DTYPES, dtype_flag
 from workbench.errors import CheckpointError, WorkbenchError
 from workbench.merge.adapter import Adapter, LoraDelta, read_adapter
-from workbench.merge.report import build_report, check_base_fingerprint, write_report
+from workbench.merge.report import BaseCheck, build_report, write_report
 from workbench.model import checkpoint
+from workbench.model.shard_writer import ShardWriter
 
 TEMP_PREFIX = ".{name}.merging-"  # + the pid of the merge that writes it
 
@@ -59,20 +65,20 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dty
     base_dir = checkpoint.resolve_model_dir(base)
     adapter_dir, out = Path(adapter), Path(out)
     _check_paths(base_dir, adapter_dir, out, overwrite)
-    weights = checkpoint.weight_map(base_dir)
-    lora = read_adapter(adapter_dir, set(weights))
-    base_fingerprint = checkpoint.fingerprint(base_dir)
-    fingerprint_check = check_base_fingerprint(lora, base_fingerprint, base_dir, force)
+    lora = read_adapter(adapter_dir, set(checkpoint.weight_map(base_dir)))
+    base_check = BaseCheck(lora, base_dir, force)
+    base_fingerprint = {"config_sha256": checkpoint.sha256_file(base_dir / "config.json"), "weights": {}}
+    base_check.config(base_fingerprint["config_sha256"])  # a wrong base fails here, before any weight is read
 
     remove_stale_temp_folders(out)
     tmp = out.parent / f"{TEMP_PREFIX.format(name=out.name)}{os.getpid()}"
     try:
         tmp.mkdir(parents=True)
-        written = stream_merge(base_dir, lora, tmp, dtype, max_shard_size)
+        written = stream_merge(base_dir, lora, tmp, dtype, max_shard_size, base_check, base_fingerprint["weights"])
         checkpoint.copy_non_weight_files(base_dir, tmp)
         if dtype is not None:
             _set_config_dtype(tmp / "config.json", dtype)
-        report = build_report(base_dir, base_fingerprint, lora, written, dtype, fingerprint_check)
+        report = build_report(base_dir, base_fingerprint, lora, written, dtype, base_check.outcome)
         if verify:
             from workbench.merge.verify import verify_merge
 
@@ -85,19 +91,39 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dty
     return report
 
 
-def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtype | None,
-                 max_shard_size: int) -> dict[str, str]:
-    """Merge every base tensor into `out_dir`; returns {key: what was done} for the touched keys."""
-    writer = checkpoint.ShardWriter(out_dir, max_shard_size)
+def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtype | None, max_shard_size: int,
+                 base_check: BaseCheck, digests: dict[str, str]) -> dict[str, str]:
+    """Merge every base tensor into `out_dir`; returns {key: what was done} for the touched keys.
+
+    One pass over the base: while file i is merged, a thread hashes file i+1 (sha256 releases the
+    GIL), which also pulls it into the page cache, so the merge reads it from memory. Base files
+    are mapped, not read (`mmap=True`); the writer streams each tensor to its shard as it comes, so
+    the process holds the mapped input file and the tensor being merged, nothing more.
+    """
+    files = checkpoint.shard_files(base_dir)
+    names = [str(path.relative_to(base_dir)) for path, _ in files]
+    base_check.files(names)
+    specs = [replace(s, dtype=_out_dtype(s.dtype, dtype)) for s in checkpoint.tensor_specs(base_dir)]
+    writer = ShardWriter(out_dir, specs, max_shard_size)
     done: dict[str, str] = {}
-    for _, shard in checkpoint.iter_shards(base_dir):
-        for key in list(shard):
-            # pop: hold no reference of our own, so each input tensor lives no longer than the loader's shard
-            tensor, action = merge_tensor(key, shard.pop(key), lora, dtype)
-            checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
-            writer.add(key, tensor)
-            if action:
-                done[key] = action
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=sum(s.nbytes for s in specs), unit="B",
+                                                         unit_scale=True, desc="merging", disable=len(files) < 2) as bar:
+        pending = pool.submit(checkpoint.sha256_file, files[0][0])
+        for i, ((path, keys), name) in enumerate(zip(files, names, strict=True)):
+            digests[name] = pending.result()
+            base_check.weight(name, digests[name])
+            if i + 1 < len(files):
+                pending = pool.submit(checkpoint.sha256_file, files[i + 1][0])
+            shard = checkpoint.load_weight_file(path, mmap=True)
+            for key in keys:
+                # pop: hold no reference of our own, so each mapped input tensor goes once written
+                tensor, action = merge_tensor(key, shard.pop(key), lora, dtype)
+                checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
+                writer.add(key, tensor)
+                bar.update(tensor.numel() * tensor.element_size())
+                if action:
+                    done[key] = action
+            del shard
     writer.close()
     missing = (set(lora.deltas) | set(lora.bias_deltas) | set(lora.replacements)) - set(done)
     if missing:  # weight_map and the shards disagree: the base folder is inconsistent
@@ -105,10 +131,14 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     return done
 
 
+def _out_dtype(base: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and base.is_floating_point else base
+
+
 def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter,
                  dtype: torch.dtype | None) -> tuple[torch.Tensor, str | None]:
     """(merged tensor, action or None) for one base tensor."""
-    out_dtype = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+    out_dtype = _out_dtype(tensor.dtype, dtype)
     if key in lora.replacements:
         new = lora.replacements[key]
         if new.shape != tensor.shape:

@@ -14,20 +14,44 @@ from workbench.model.checkpoint import sha256_file
 REPORT = "merge_report.json"
 
 
-def check_base_fingerprint(lora: Adapter, base_fingerprint: dict, base_dir: Path, force: bool) -> str:
-    """Refuse an adapter whose run record names another base, unless forced; returns the outcome."""
-    record = lora.run_record or {}
-    # `workbench train` records it as base_model.fingerprint; a flat base_fingerprint is accepted too.
-    recorded = (record.get("base_model") or {}).get("fingerprint", record.get("base_fingerprint"))
-    if recorded is None:
-        return "not checked (no base_fingerprint in the adapter's run record)"
-    if recorded == base_fingerprint:
-        return "match"
-    if not force:
-        raise CheckpointError(
-            f"{lora.run_record_file}: the adapter was trained on a different base than {base_dir} "
-            "(base_fingerprint differs); pass --force to merge anyway")
-    return "MISMATCH (merged with --force)"
+class BaseCheck:
+    """The adapter's recorded base fingerprint, compared piece by piece as the merge hashes the base.
+
+    The merge hashes each base file while it streams it (one read of the base, not two), so the
+    check runs as the digests arrive: a wrong base fails on its config or first shard, and the
+    output is still only a temporary folder. --force merges anyway and reports the mismatch.
+    """
+
+    def __init__(self, lora: Adapter, base_dir: Path, force: bool):
+        record = lora.run_record or {}
+        # `workbench train` records it as base_model.fingerprint; a flat base_fingerprint is accepted too.
+        self.recorded = (record.get("base_model") or {}).get("fingerprint", record.get("base_fingerprint"))
+        self.lora, self.base_dir, self.force = lora, base_dir, force
+        self.mismatch = False
+
+    def config(self, sha256: str) -> None:
+        self._compare(self.recorded and self.recorded.get("config_sha256"), sha256)
+
+    def files(self, names: list[str]) -> None:
+        self._compare(self.recorded and sorted(self.recorded.get("weights") or {}), sorted(names))
+
+    def weight(self, name: str, sha256: str) -> None:
+        self._compare(self.recorded and (self.recorded.get("weights") or {}).get(name), sha256)
+
+    def _compare(self, recorded, actual) -> None:
+        if self.recorded is None or recorded == actual:
+            return
+        if not self.force:
+            raise CheckpointError(
+                f"{self.lora.run_record_file}: the adapter was trained on a different base than {self.base_dir} "
+                "(base_fingerprint differs); pass --force to merge anyway")
+        self.mismatch = True
+
+    @property
+    def outcome(self) -> str:
+        if self.recorded is None:
+            return "not checked (no base_fingerprint in the adapter's run record)"
+        return "MISMATCH (merged with --force)" if self.mismatch else "match"
 
 
 def quantization(lora: Adapter) -> str | None:

@@ -9,7 +9,6 @@ exists twice in memory.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -22,17 +21,24 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers.utils.hub import convert_file_size_to_int
 
-from workbench.atomic import follow_umask, write_json
+from workbench.atomic import write_json
 from workbench.dtypes import TORCH_DTYPES
 from workbench.errors import CheckpointError, first_line
 from workbench.model.config import QWenConfig, load_config, precision_dtype
+from workbench.model.shard_writer import (
+    BIN_INDEX,
+    BIN_SINGLE,
+    SAFE_INDEX,
+    SAFE_SINGLE,
+    ShardWriter,
+    TensorSpec,
+    read_safetensors_specs,
+)
 
-SAFE_SINGLE, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
-BIN_SINGLE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = (SAFE_INDEX, BIN_INDEX)
 
@@ -143,11 +149,23 @@ def weight_map(model_dir: str | os.PathLike) -> dict[str, Path]:
     raise CheckpointError(f"{model_dir}: no weights found (expected {SAFE_SINGLE}, {SAFE_INDEX} or {BIN_INDEX})")
 
 
-def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one .safetensors or .bin file (on the CPU); a corrupt file is a CheckpointError."""
+def load_weight_file(path: Path, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors or .bin file (on the CPU); a corrupt file is a CheckpointError.
+
+    mmap=True maps a .bin file instead of reading it: tensors are backed by the file's pages, read
+    on first touch and dropped by the kernel under memory pressure (they are clean), so loading the
+    release costs its weight bytes once and merging streams it. Files saved before torch's zip
+    format cannot be mapped and are read whole.
+    """
     try:
         if path.suffix == ".safetensors":
             return load_file(path)
+        if mmap:
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "zipfile" not in str(err):
+                    raise
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: weight file listed in the index is missing") from None
@@ -159,15 +177,41 @@ def load_weight_file(path: Path) -> dict[str, torch.Tensor]:
                               f"({type(e).__name__}: {first_line(e)})") from None
 
 
-def iter_shards(model_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
-    """(file, {key: tensor}) one weight file at a time; each file must hold the keys the index gives it."""
+def shard_files(model_dir: str | os.PathLike) -> list[tuple[Path, list[str]]]:
+    """(file, its keys in index order) per weight file, in the order the files first appear."""
     by_file: dict[Path, list[str]] = {}
     for key, path in weight_map(model_dir).items():
         by_file.setdefault(path, []).append(key)
-    for path, keys in by_file.items():
+    return list(by_file.items())
+
+
+def iter_shards(model_dir: str | os.PathLike, mmap: bool = False
+                ) -> Iterator[tuple[Path, dict[str, torch.Tensor]]]:
+    """(file, {key: tensor}) one weight file at a time; each file must hold the keys the index gives it."""
+    for path, keys in shard_files(model_dir):
         # No local keeps the shard while the caller holds it: a consumer that pops its tensors
         # (as merge does) frees each one as soon as it is written.
-        yield path, _shard(load_weight_file(path), keys, path)
+        yield path, _shard(load_weight_file(path, mmap=mmap), keys, path)
+
+
+def tensor_specs(model_dir: str | os.PathLike) -> list[TensorSpec]:
+    """Name, dtype and shape of every weight in `iter_shards` order, reading no tensor data."""
+    specs: list[TensorSpec] = []
+    for path, keys in shard_files(model_dir):
+        if path.suffix == ".safetensors":
+            try:
+                found = {s.name: s for s in read_safetensors_specs(path)}
+            except FileNotFoundError:
+                raise CheckpointError(f"{path}: weight file listed in the index is missing") from None
+            except (OSError, ValueError, KeyError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({type(e).__name__}: {e})") from None
+        else:
+            found = {k: TensorSpec.of(k, t) for k, t in load_weight_file(path, mmap=True).items()}
+        missing = [k for k in keys if k not in found]
+        if missing:
+            raise CheckpointError(f"{path}: lacks {len(missing)} key(s) the index assigns to it, e.g. {missing[:3]}")
+        specs += [found[k] for k in keys]
+    return specs
 
 
 def _shard(tensors: dict[str, torch.Tensor], keys: list[str], path: Path) -> dict[str, torch.Tensor]:
@@ -220,7 +264,7 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_keys(model_dir, expected, weight_map(model_dir))
     shards = list(dict.fromkeys(weight_map(model_dir).values()))
-    for path, tensors in tqdm(iter_shards(model_dir), total=len(shards), desc="loading weights",
+    for path, tensors in tqdm(iter_shards(model_dir, mmap=True), total=len(shards), desc="loading weights",
                               unit="shard", disable=len(shards) < 2):
         for key, tensor in tensors.items():
             if tensor.shape != expected[key]:
@@ -260,69 +304,6 @@ def parse_size(size: int | str) -> int:
         raise ValueError(f"cannot read shard size {size!r} (e.g. 2GB, 500MB)") from None
 
 
-class ShardWriter:
-    """Streams tensors into shards of at most `max_shard_size` bytes (a larger tensor gets its own).
-
-    Shards go to hidden temporary names and are renamed to the release names
-    (`model-00001-of-0000N.safetensors` or `pytorch_model-00001-of-0000N.bin`) by `close()`,
-    which also writes the index; a single shard is written as `model.safetensors` /
-    `pytorch_model.bin` without an index, as transformers does.
-    """
-
-    def __init__(self, out_dir: str | os.PathLike, max_shard_size: int | str, layout: str = "safetensors"):
-        if layout not in ("safetensors", "bin"):
-            raise ValueError(f"layout must be 'safetensors' or 'bin', not {layout!r}")
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.max_shard_size, self.layout = parse_size(max_shard_size), layout
-        self._current: dict[str, torch.Tensor] = {}
-        self._current_size = self._total_size = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._current and self._current_size + nbytes > self.max_shard_size:
-            self._flush()
-        # clone: safetensors refuses tensors that share storage, and views would keep big parents alive
-        self._current[name] = tensor.detach().to("cpu").contiguous().clone()
-        self._current_size += nbytes
-        self._total_size += nbytes
-
-    def _flush(self) -> None:
-        ext = "safetensors" if self.layout == "safetensors" else "bin"
-        tmp = self.out_dir / f".tmp-shard-{len(self._shards) + 1:05d}.{ext}"
-        if self.layout == "safetensors":
-            try:
-                save_file(self._current, tmp, metadata={"format": "pt"})
-            except Exception as err:  # safetensors reports a full disk as its own error type
-                if "os error 28" in str(err) or "No space left" in str(err):
-                    raise OSError(errno.ENOSPC, "No space left on device", str(self.out_dir)) from None
-                raise
-            follow_umask(tmp)
-        else:
-            torch.save(self._current, tmp)
-        self._shards.append((tmp, list(self._current)))
-        self._current, self._current_size = {}, 0
-
-    def close(self) -> dict:
-        """Finish the last shard, rename all shards, write the index; returns the index dict."""
-        if self._current or not self._shards:
-            self._flush()
-        n = len(self._shards)
-        stem, ext = ("model", "safetensors") if self.layout == "safetensors" else ("pytorch_model", "bin")
-        weight_map_: dict[str, str] = {}
-        for i, (tmp, keys) in enumerate(self._shards, start=1):
-            name = f"{stem}.{ext}" if n == 1 else f"{stem}-{i:05d}-of-{n:05d}.{ext}"
-            tmp.replace(self.out_dir / name)
-            weight_map_.update(dict.fromkeys(keys, name))
-        index = {"metadata": {"total_size": self._total_size},
-                 "weight_map": dict(sorted(weight_map_.items()))}
-        if n > 1:
-            index_name = SAFE_INDEX if self.layout == "safetensors" else BIN_INDEX
-            write_json(self.out_dir / index_name, index)
-        return index
-
-
 def save_model(model_or_state_dict, out_dir: str | os.PathLike, max_shard_size: int | str = "2GB",
                dtype: torch.dtype | str | None = None, layout: str = "safetensors") -> dict:
     """Write the weights (release names) in shards; for a model also config.json and generation_config.json."""
@@ -330,9 +311,14 @@ def save_model(model_or_state_dict, out_dir: str | os.PathLike, max_shard_size: 
     dtype = _as_dtype(dtype)
     is_model = isinstance(model_or_state_dict, torch.nn.Module)
     state = model_or_state_dict.state_dict() if is_model else model_or_state_dict
-    writer = ShardWriter(out_dir, max_shard_size, layout=layout)
+
+    def stored_dtype(t: torch.Tensor) -> torch.dtype:
+        return dtype if dtype is not None and t.is_floating_point() else t.dtype
+
+    specs = [TensorSpec(k, stored_dtype(t), tuple(t.shape)) for k, t in state.items()]
+    writer = ShardWriter(out_dir, specs, parse_size(max_shard_size), layout=layout)
     for name, tensor in tqdm(state.items(), desc="saving weights", unit="tensor", disable=len(state) < 100):
-        writer.add(name, tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor)
+        writer.add(name, tensor.to(stored_dtype(tensor)))  # one cast tensor at a time
     index = writer.close()
     if is_model:
         config: QWenConfig = model_or_state_dict.config
