@@ -77,8 +77,8 @@ def test_peak_memory_is_about_one_shard(adapters, sharded_base, tmp_path, monkey
     _instrument(monkeypatch, tracker)
     # The 2-layer adapter fits the first two blocks of this 6-layer base (different fingerprint).
     merge_adapter(sharded_base, adapter, tmp_path / "out", force=True, max_shard_size=SHARD)
-    # the input shard + the merged tensor being handed over
-    bound = in_shard + largest
+    # the input shard + the merged tensor being written + the next one being merged
+    bound = in_shard + 2 * largest
     assert 0 < tracker.peak <= bound, (tracker.peak, bound)
     assert bound < model_bytes / 4, (bound, model_bytes)  # far from "the whole model"
 

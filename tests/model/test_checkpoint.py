@@ -162,3 +162,30 @@ def test_parse_size():
     assert parse_size("2GB") == 2 * 10**9 and parse_size("1GiB") == 2**30 and parse_size(512) == 512
     with pytest.raises(ValueError):
         parse_size("two gigs")
+
+
+def _with(value: float, dtype: torch.dtype, n: int = 1000) -> torch.Tensor:
+    t = torch.full((n,), 0.5, dtype=dtype)
+    t[n // 2] = value
+    return t
+
+
+FINITE_CASES = [  # (tensor, all finite?)
+    (torch.full((1000,), 60000.0, dtype=torch.float16), True),  # the sum overflows fp16: exact path
+    (_with(float("nan"), torch.bfloat16), False),
+    (_with(float("inf"), torch.float16), False),
+    (torch.tensor([float("inf"), float("-inf"), 1.0]), False),   # inf - inf = NaN in the sum
+    (_with(-1e30, torch.float32), True),
+    (_with(float("-inf"), torch.float32, n=(1 << 24) + 5), False),  # longer than one chunk
+]
+
+
+@pytest.mark.parametrize("tensor,finite", FINITE_CASES)
+def test_check_finite(tensor, finite):
+    from workbench.model.checkpoint import check_finite
+
+    if finite:
+        check_finite({"w": tensor}, "f")
+    else:
+        with pytest.raises(CheckpointError, match="f: tensor w holds NaN or inf"):
+            check_finite({"w": tensor}, "f")

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from workbench.adapters.activations import StepShape, estimate_activations
 from workbench.adapters.apply import apply_recipe
 from workbench.adapters.quantize import quantized_bytes
 from workbench.adapters.recipe import COMPONENTS, Quantization, Recipe
@@ -52,11 +53,13 @@ def meta_model(model_dir: str | Path, dtype: str = "bfloat16") -> torch.nn.Modul
         return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(TORCH_DTYPES[dtype])
 
 
-def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16", devices: int | None = None) -> dict:
+def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16", devices: int | None = None,
+                   step: StepShape | None = None) -> dict:
     """Per-component adapted modules, LoRA / fully trained / quantised counts and a memory estimate.
 
     With `devices`, also the per-device memory when FSDP / ZeRO-3 shard the run over that many
-    devices (`sharded_memory`).
+    devices (`sharded_memory`). With `step`, also the activations of one micro-batch of that shape
+    (`activations`) and the step's total.
     """
     config_dir, note = resolve_config_dir(model_dir)
     model = meta_model(config_dir, dtype)
@@ -93,6 +96,14 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
         weights += nbytes
         base = pname.replace(".base_layer.", ".")
         weights_4bit += quantized_bytes(param.numel(), param.shape[0], q) if base in quantized_weights else nbytes
+    memory = {"weights": weights, "weights_4bit": int(weights_4bit), "trainable": trainable_bytes,
+              "total": weights + trainable_bytes, "total_4bit": int(weights_4bit) + trainable_bytes}
+    activation_terms = None
+    if step is not None:
+        activation_terms = estimate_activations(peft_model, step)
+        memory["activations"] = activation_terms["activations"]
+        resident = memory["total_4bit"] if recipe.quantization is not None else memory["total"]
+        memory["step_total"] = resident + activation_terms["activations"]
     sharded = None
     if devices is not None:
         sharded = per_device_bytes(unit_bytes(peft_model), weights + trainable_bytes, devices)
@@ -109,8 +120,8 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
         "totals": {"base_params": sum(s.numel() for s in shapes.values()), "lora_params": lora,
                    "trained_params": trained + to_save, "trainable_params": lora + trained + to_save,
                    "quantized_modules": len(targets.quantize)},
-        "memory_bytes": {"weights": weights, "weights_4bit": int(weights_4bit), "trainable": trainable_bytes,
-                         "total": weights + trainable_bytes, "total_4bit": int(weights_4bit) + trainable_bytes},
+        "memory_bytes": memory,
         "memory_formula": MEMORY_FORMULA,
+        **({"step": dataclasses.asdict(step), "activation_terms": activation_terms} if step else {}),
         **({"memory_per_device": sharded} if sharded else {}),
     }

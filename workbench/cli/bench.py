@@ -15,10 +15,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tiny", action="store_true", help="the built-in tiny model on the CPU (for tests)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="bench.json", help="where to write the results as JSON")
+    p.add_argument("--merge-load", metavar="DIR", default=None,
+                   help="instead of a training step: write a random full-size release (19.3 GB, reused when "
+                        "present) and an official-lora adapter under DIR, and time merge and load_model "
+                        "against copying and reading the same files")
+    p.add_argument("--keep", action="store_true", help="with --merge-load: keep the merged folder")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.merge_load:
+        return run_merge_load(args)
 
     import torch
 
@@ -42,5 +49,18 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results, f"{env['device']}, measured matmul rate {env['matmul_tflops']:.3g} TFLOP/s, "
                                 f"torch {env['torch']}, transformers {env['transformers']}, {env['date']}"))
     write_json(args.out, {"environment": env, "results": as_dicts(results)})
+    print(f"wrote {args.out}")
+    return 0
+
+
+def run_merge_load(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from workbench.atomic import write_text
+    from workbench.bench import merge_load
+
+    results = merge_load.run_merge_load(Path(args.merge_load), keep=args.keep)
+    print(merge_load.format_results(results))
+    write_text(args.out, merge_load.as_json(results))
     print(f"wrote {args.out}")
     return 0

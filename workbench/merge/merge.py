@@ -106,24 +106,32 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     specs = [replace(s, dtype=_out_dtype(s.dtype, dtype)) for s in checkpoint.tensor_specs(base_dir)]
     writer = ShardWriter(out_dir, specs, max_shard_size)
     done: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(total=sum(s.nbytes for s in specs), unit="B",
-                                                         unit_scale=True, desc="merging", disable=len(files) < 2) as bar:
-        pending = pool.submit(checkpoint.sha256_file, files[0][0])
+    bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="merging",
+               disable=len(files) < 2)
+    # One thread hashes (and so reads ahead), one writes: the merge maths of tensor k+1 runs while
+    # tensor k goes to disk, and at most one merged tensor waits for the disk.
+    with ThreadPoolExecutor(max_workers=1) as hasher, ThreadPoolExecutor(max_workers=1) as io, bar:
+        pending, writing = hasher.submit(checkpoint.sha256_file, files[0][0]), None
         for i, ((path, keys), name) in enumerate(zip(files, names, strict=True)):
             digests[name] = pending.result()
             base_check.weight(name, digests[name])
             if i + 1 < len(files):
-                pending = pool.submit(checkpoint.sha256_file, files[i + 1][0])
+                pending = hasher.submit(checkpoint.sha256_file, files[i + 1][0])
             shard = checkpoint.load_weight_file(path, mmap=True)
             for key in keys:
                 # pop: hold no reference of our own, so each mapped input tensor goes once written
                 tensor, action = merge_tensor(key, shard.pop(key), lora, dtype)
                 checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
-                writer.add(key, tensor)
+                if writing is not None:
+                    writing.result()
+                writing = io.submit(writer.add, key, tensor)
                 bar.update(tensor.numel() * tensor.element_size())
                 if action:
                     done[key] = action
+                del tensor
             del shard
+        if writing is not None:
+            writing.result()
     writer.close()
     missing = (set(lora.deltas) | set(lora.bias_deltas) | set(lora.replacements)) - set(done)
     if missing:  # weight_map and the shards disagree: the base folder is inconsistent
@@ -155,13 +163,14 @@ def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter,
 def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter) -> torch.Tensor:
     # B.flatten(1) @ A.flatten(1) covers nn.Linear ([out,r] @ [r,in]) and PEFT's Conv2d LoRA
     # (1x1 B, A with the layer's kernel), whose product reshapes to the weight's shape.
-    update = delta.scale * (delta.B.float().flatten(1) @ delta.A.float().flatten(1))
-    if delta.embedding:  # lora_embedding_A [r, vocab], B [dim, r]: the product is W^T's shape
-        update = update.T
-    if update.numel() != weight.numel():
+    B, A = delta.B.float().flatten(1), delta.A.float().flatten(1)
+    if B.shape[0] * A.shape[1] != weight.numel():
         raise CheckpointError(f"{lora.weights_file}: LoRA on '{delta.module}' gives a delta of "
-                              f"{tuple(update.shape)} for '{key}' of shape {tuple(weight.shape)}")
-    merged = weight.float() + update.view(weight.shape)
+                              f"{(B.shape[0], A.shape[1])} for '{key}' of shape {tuple(weight.shape)}")
+    merged = weight.to(torch.float32, copy=True)  # never written into the (mapped) base tensor
+    # lora_embedding_A [r, vocab], B [dim, r]: the product is W^T's shape
+    target = merged.view(A.shape[1], B.shape[0]).T if delta.embedding else merged.view(B.shape[0], A.shape[1])
+    target.addmm_(B, A, alpha=delta.scale)  # W + scale * (B @ A), in place: one float32 copy of W, no more
     if delta.magnitude is not None:
         # DoRA: each output row is rescaled to the learned magnitude over the norm of W + ΔW
         merged = (delta.magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged

@@ -1,0 +1,223 @@
+"""Merge and load of the full-size release against copying and reading the same files.
+
+`write_release` lays down a random Qwen-VL-Chat in the release's exact layout: the shipped
+`pytorch_model.bin.index.json` assigns the 853 keys to its ten `.bin` files, shapes come from the
+model built on the meta device from the release's config, values are bf16 N(0, 0.02). An
+official-lora adapter (r 64, alpha 16 on c_attn, attn.c_proj, w1, w2: what `adapters/official-lora`
+trains) is written beside it in PEFT's own format.
+
+Every timed phase starts from a cold page cache for the files it touches (fsync, then
+posix_fadvise DONTNEED) and ends with the written data on disk (sync), so the ratios compare disk
+work with disk work. Merge and load run in child processes: their peak RSS comes from the kernel
+(wait4's ru_maxrss, which counts mapped file pages the process touched).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from workbench.model.checkpoint import BIN_INDEX, RELEASES_DIR, shard_files
+
+RELEASE = RELEASES_DIR / "Qwen--Qwen-VL-Chat"
+LORA_TARGETS = ["c_attn", "attn.c_proj", "w1", "w2"]
+RANK, ALPHA = 64, 16
+PROBE = "transformer.h.0.attn.c_attn.weight"  # a merged tensor the bench checks by hand
+UNTOUCHED = "transformer.wte.weight"
+
+
+def release_shapes() -> dict[str, torch.Size]:
+    from workbench.model.config import load_config
+    from workbench.model.modeling import QWenLMHeadModel
+
+    with torch.device("meta"):
+        model = QWenLMHeadModel(load_config(RELEASE))
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+def write_release(base: Path, seed: int = 0) -> Path:
+    """The random release (about 19.3 GB); kept and reused when a previous call completed it."""
+    done = base / ".complete"
+    if done.exists():
+        return base
+    base.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "generation_config.json", BIN_INDEX):
+        shutil.copyfile(RELEASE / name, base / name)
+    shapes = release_shapes()
+    generator = torch.Generator().manual_seed(seed)
+    files = shard_files(base)
+    for path, keys in tqdm(files, desc="writing the random release", unit="file"):
+        shard = {k: torch.empty(shapes[k], dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
+                 for k in keys}
+        torch.save(shard, path)
+        del shard
+    done.touch()
+    return base
+
+
+def write_adapter(out: Path, seed: int = 1) -> Path:
+    """An official-lora adapter folder for the release, as PEFT saves one (random A and B)."""
+    from peft import LoraConfig
+    from safetensors.torch import save_file
+
+    shapes = release_shapes()
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for key, shape in shapes.items():
+        module = key.removesuffix(".weight")
+        if key.startswith("transformer.h.") and key.endswith(".weight") and module.endswith(tuple(LORA_TARGETS)):
+            out_f, in_f = shape
+            prefix = f"base_model.model.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(RANK, in_f, generator=generator).mul(0.01).bfloat16()
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, RANK, generator=generator).mul(0.01).bfloat16()
+    out.mkdir(parents=True, exist_ok=True)
+    LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=LORA_TARGETS, task_type="CAUSAL_LM").save_pretrained(out)
+    save_file(tensors, out / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".safetensors"))
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache (written pages are synced first)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def timed_copy(src: Path, dst: Path) -> float:
+    """Seconds to copy the weight files (sendfile, as cp does) and get them onto the disk."""
+    files = weight_files(src)
+    evict(files)
+    dst.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for path in files:
+        shutil.copyfile(path, dst / path.name)
+    os.sync()
+    return time.perf_counter() - start
+
+
+def timed_read(folder: Path) -> float:
+    """Seconds to read the weight files once, cold."""
+    files = weight_files(folder)
+    evict(files)
+    buf = bytearray(16 << 20)
+    start = time.perf_counter()
+    for path in files:
+        with path.open("rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - start
+
+
+def timed_child(code: str, evict_paths: list[Path]) -> tuple[float, float]:
+    """(seconds, peak RSS in bytes) of `python -c code`, from a cold cache, synced at the end."""
+    evict(evict_paths)
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    _, status, usage = os.wait4(proc.pid, 0)
+    os.sync()
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"child failed ({os.waitstatus_to_exitcode(status)}): {code}")
+    return seconds, usage.ru_maxrss * 1024
+
+
+def check_merge(base: Path, adapter: Path, merged: Path) -> dict:
+    """How far the probe tensor is from W + alpha/r B@A (in float64), in units of bf16's spacing there
+    (at most 0.5 is exact rounding); and whether an untouched tensor is bit-equal."""
+    from safetensors import safe_open
+
+    from workbench.model.checkpoint import load_weight_file, weight_map
+
+    base_map, merged_map = weight_map(base), weight_map(merged)
+    w = load_weight_file(base_map[PROBE], mmap=True)[PROBE]
+    with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
+        prefix = f"base_model.model.{PROBE.removesuffix('.weight')}"
+        a, b = f.get_tensor(f"{prefix}.lora_A.weight"), f.get_tensor(f"{prefix}.lora_B.weight")
+    expected = w.double() + (ALPHA / RANK) * (b.double() @ a.double())
+    with safe_open(merged_map[PROBE], "pt") as f:
+        got = f.get_tensor(PROBE)
+    with safe_open(merged_map[UNTOUCHED], "pt") as f:
+        untouched = f.get_tensor(UNTOUCHED)
+    original = load_weight_file(base_map[UNTOUCHED], mmap=True)[UNTOUCHED]
+    spacing = torch.pow(2.0, torch.floor(torch.log2(expected.abs().clamp_min(1e-30))) - 7)  # bf16: 8-bit mantissa
+    err_ulp = ((got.double() - expected).abs() / spacing).max().item()
+    return {"probe_max_err_bf16_ulp": err_ulp, "untouched_bit_equal": bool(torch.equal(untouched, original))}
+
+
+MERGE_CODE = ("from workbench.merge import merge_adapter; "
+              "merge_adapter({base!r}, {adapter!r}, {out!r}, overwrite=True)")
+LOAD_CODE = ("import time; from workbench import load_model; t = time.perf_counter(); "
+             "m = load_model({base!r}, dtype='bfloat16'); "
+             "print(f'load_model: {{time.perf_counter() - t:.1f}} s', flush=True)")
+IMPORT_CODE = "import workbench, workbench.merge, torch"
+
+
+def run_merge_load(folder: Path, keep: bool = False) -> dict:
+    """Write (or reuse) the random release and adapter under `folder`, time everything, return a dict."""
+    base = write_release(folder / "base")
+    adapter = write_adapter(folder / "adapter")
+    base_files = weight_files(base)
+    weight_bytes = sum(p.stat().st_size for p in base_files)
+    largest = max(p.stat().st_size for p in base_files)
+    results: dict = {"weight_bytes": weight_bytes, "largest_shard_bytes": largest, "files": len(base_files)}
+
+    results["import_s"], results["import_rss"] = timed_child(IMPORT_CODE, [])
+    results["copy_s"] = timed_copy(base, folder / "copy")
+    shutil.rmtree(folder / "copy")  # disk: the release fits three times on a 73 GB disk, not four
+    merged = folder / "merged"
+    code = MERGE_CODE.format(base=str(base), adapter=str(adapter), out=str(merged))
+    results["merge_s"], results["merge_rss"] = timed_child(code, base_files)
+    results.update(check_merge(base, adapter, merged))
+    if not keep:
+        shutil.rmtree(merged)
+    results["read_s"] = timed_read(base)
+    results["load_s"], results["load_rss"] = timed_child(LOAD_CODE.format(base=str(base)), base_files)
+    results["merge_over_copy"] = results["merge_s"] / results["copy_s"]
+    results["load_over_read"] = results["load_s"] / results["read_s"]
+    results["merge_rss_over_bound"] = results["merge_rss"] / (largest + 2e9)
+    results["load_rss_over_weights"] = results["load_rss"] / weight_bytes
+    return results
+
+
+def format_results(r: dict) -> str:
+    gb = 1e9
+    return "\n".join([
+        f"release: {r['files']} files, {r['weight_bytes'] / gb:.2f} GB (largest {r['largest_shard_bytes'] / gb:.2f} GB)",
+        f"copy   {r['copy_s']:7.1f} s",
+        f"merge  {r['merge_s']:7.1f} s  = {r['merge_over_copy']:.2f}x copy   peak RSS {r['merge_rss'] / gb:.2f} GB "
+        f"(largest shard + 2 GB = {(r['largest_shard_bytes'] + 2e9) / gb:.2f} GB); "
+        f"merged LoRA tensor within {r['probe_max_err_bf16_ulp']:.2f} bf16 ulp of W + scale BA, "
+        f"untouched tensor bit-equal: {r['untouched_bit_equal']}",
+        f"read   {r['read_s']:7.1f} s",
+        f"load   {r['load_s']:7.1f} s  = {r['load_over_read']:.2f}x read   peak RSS {r['load_rss'] / gb:.2f} GB "
+        f"= {r['load_rss_over_weights']:.3f}x the weight bytes",
+        f"(both include starting Python: a child that only imports the workbench takes {r['import_s']:.1f} s "
+        f"and peaks at {r['import_rss'] / gb:.2f} GB RSS)",
+    ])
+
+
+def environment() -> dict:
+    import platform
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
+            "date": time.strftime("%Y-%m-%d"), "machine": platform.machine()}
+
+
+def as_json(results: dict) -> str:
+    return json.dumps({"environment": environment(), "results": results}, indent=2)
