@@ -18,22 +18,35 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a config value, e.g. --set adapter_overrides.llm.r=16")
     p.add_argument("--devices", type=_positive_int, default=None, metavar="N",
                    help="also estimate the memory per device when FSDP / ZeRO-3 shard the run over N devices")
+    p.add_argument("--seq-len", type=_positive_int, default=None, metavar="N",
+                   help="also estimate the activations of a micro-batch of N tokens per sample (under the "
+                        "config's checkpointing, checkpoint_every and loss_chunk_size)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                   help="samples per micro-batch for --seq-len (default: the config's train.batch_size)")
+    p.add_argument("--images-per-sample", type=int, default=1, metavar="K", help="images per sample for --seq-len")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 
 
 def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number of devices (1 or more), not {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a whole number (1 or more), not {text!r}")
     return int(text)
 
 
 def run(args: argparse.Namespace) -> int:
+    from workbench.adapters.activations import StepShape
     from workbench.adapters.inspect import inspect_recipe
     from workbench.train.config import load_run_config
 
     config = load_run_config(args.config, args.set)
-    report = inspect_recipe(config.model, config.recipe, config.dtype, devices=args.devices)
+    step = None
+    if args.seq_len is not None:
+        t = config.train
+        step = StepShape(seq_len=args.seq_len, batch_size=args.batch_size or t.batch_size,
+                         images_per_sample=args.images_per_sample, gradient_checkpointing=t.gradient_checkpointing,
+                         checkpoint_every=t.checkpoint_every, loss_chunk_size=t.loss_chunk_size)
+    report = inspect_recipe(config.model, config.recipe, config.dtype, devices=args.devices, step=step)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -68,6 +81,18 @@ def format_report(report: dict) -> str:
         f"total {m['total'] / GIB:.2f} / {m['total_4bit'] / GIB:.2f} GiB",
         f"  ({report['memory_formula']})",
     ]
+    if "activations" in m:
+        st, a = report["step"], report["activation_terms"]
+        ckpt = (f"checkpointing every {st['checkpoint_every']} block(s)" if st["gradient_checkpointing"]
+                else "no checkpointing")
+        lines += [
+            f"one micro-batch of {st['batch_size']} x {st['seq_len']} tokens ({st['images_per_sample']} image(s) "
+            f"per sample, {ckpt}, loss chunk {st['loss_chunk_size'] or 'off'}): activations "
+            f"{m['activations'] / GIB:.2f} GiB, step total {m['step_total'] / GIB:.2f} GiB",
+            f"  (blocks keep {a['blocks_kept'] / GIB:.2f} GiB, a block's backward adds {a['block_peak'] / GIB:.2f}, "
+            f"the loss head {a['head_peak'] / GIB:.2f}, the ViT's forward peaks at {a['vit_forward_peak'] / GIB:.2f}; "
+            "measured on the meta device, flash attention)",
+        ]
     if "memory_per_device" in report:
         d = report["memory_per_device"]
         lines += [

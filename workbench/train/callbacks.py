@@ -23,6 +23,27 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from workbench.atomic import write_text
 
 
+def checkpoint_every_kth_block(model: torch.nn.Module, every: int) -> int:
+    """Selective activation checkpointing: after `gradient_checkpointing_enable`, keep recomputing
+    only LLM blocks 0, k, 2k, ...; the others keep their activations (faster, more memory; the
+    memory estimate, `inspect --seq-len`, knows both). Returns how many blocks recompute."""
+    blocks = [m for n, m in model.named_modules() if type(m).__name__ == "QWenBlock"]
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = block.gradient_checkpointing and i % every == 0
+    return sum(b.gradient_checkpointing for b in blocks)
+
+
+class SelectiveCheckpointing(TrainerCallback):
+    """Applies `train.checkpoint_every` once the Trainer has turned checkpointing on for every block."""
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
+        if args.gradient_checkpointing and self.every > 1:
+            checkpoint_every_kth_block(kw["model"], self.every)
+
+
 class ProgressBar(TrainerCallback):
     """One tqdm bar over optimizer steps: ETA from tqdm, loss and tokens/s from the logs."""
 

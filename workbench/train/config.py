@@ -71,6 +71,7 @@ class TrainConfig:
     # numerics and memory
     precision: Precision = "auto"  # auto follows the top-level dtype
     gradient_checkpointing: bool = True
+    checkpoint_every: int = option(1, gt=0)  # with checkpointing: LLM blocks 0, k, 2k, ... recompute (1 = all)
     loss_chunk_size: int | None = option(1024, gt=0)  # chunked cross-entropy; None: full logits
     seed: int = 42
     # bookkeeping

@@ -27,7 +27,7 @@ from workbench.atomic import write_json
 from workbench.errors import ConfigError
 from workbench.model.modeling import IGNORE_INDEX
 from workbench.train import distributed, record
-from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard
+from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, SelectiveCheckpointing
 from workbench.train.config import RunConfig
 from workbench.train.plots import plot_loss_curve
 
@@ -337,7 +337,8 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         # grounding alone still needs an eval "dataset" for the Trainer to schedule evaluations
         eval_dataset=data.eval if data.eval is not None else (grounding.queries if grounding else None),
         run_config=config, guard=guard, grounding=grounding, has_loss_eval=data.eval is not None,
-        callbacks=[ProgressBar(), MetricsLogger(out / run_folder.METRICS_NAME), guard, *extra, *(callbacks or [])],
+        callbacks=[ProgressBar(), MetricsLogger(out / run_folder.METRICS_NAME), guard,
+                   SelectiveCheckpointing(config.train.checkpoint_every), *extra, *(callbacks or [])],
     )
     for default in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default)
