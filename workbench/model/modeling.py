@@ -4,7 +4,8 @@ Differences from the release that change no golden output (docs/qwen-vl.md, "wor
 * the NTK alpha is computed from the current call only and carried on the KV cache
   (`cache.ntk_alpha`) for decoding, never leaked from an earlier call into training;
 * images can come as `pixel_values` [K,3,S,S] instead of paths inside the ids;
-* `segment_ids` (packing) give a block-diagonal causal mask and per-segment RoPE positions;
+* `segment_ids` (packing) give causal attention inside each segment (no mask is built) and
+  per-segment RoPE positions;
 * `loss_chunk_size` computes the loss chunk by chunk from the hidden states.
 """
 
@@ -22,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from workbench.model.config import QWenConfig
 from workbench.model.image_processing import load_image, preprocess
-from workbench.model.qwen import QWenBlock, RMSNorm, logn_factors, ntk_alpha, rotary_table
+from workbench.model.qwen import QWenBlock, RMSNorm, Segments, logn_factors, ntk_alpha, rotary_table
 from workbench.model.vision import VisionTransformer
 
 IGNORE_INDEX = -100
@@ -78,18 +79,31 @@ def span_path(input_ids: torch.Tensor, row: int, a: int, b: int, img_pad_id: int
     return bytes(ids).decode("utf-8")
 
 
-def additive_mask(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, seq_len: int,
-                  past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def attention_pattern(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, seq_len: int,
+                      past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | Segments | None:
+    """What the attention layers are given: `Segments` for a packed batch (per-segment causal
+    attention, no mask at all), else the release's additive mask (None for a plain prefill)."""
+    if segment_ids is None:
+        return additive_mask(attention_mask, seq_len, past_len, dtype, device)
+    if attention_mask is not None and bool(((attention_mask != 0) != (segment_ids > 0)).any()):
+        # Segments replace the mask entirely, so a mask that says otherwise would be silently ignored.
+        raise ValueError("attention_mask disagrees with segment_ids: a packed batch's mask must be 1 "
+                         "exactly where segment_ids > 0 (0 marks padding in both)")
+    return Segments.from_ids(segment_ids)
+
+
+def additive_mask(attention_mask: torch.Tensor | None, seq_len: int, past_len: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor | None:
     """docs/qwen-vl.md §5.6: the sum of additive masks with finfo.min entries (two of them add up to -inf).
 
-    None when plain causal attention is exact: a prefill with no padding and no packing. The
-    attention then asks SDPA for `is_causal`, which lets it pick its flash kernels on the GPU
-    (a float mask rules them out); an all-ones attention_mask adds nothing to the scores.
+    None when plain causal attention is exact: a prefill with no padding. The attention then asks
+    SDPA for `is_causal`, which lets it pick its flash kernels on the GPU (a float mask rules them
+    out); an all-ones attention_mask adds nothing to the scores.
     """
     m = torch.finfo(dtype).min
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    if past_len == 0 and attention_mask is None and segment_ids is None:
+    if past_len == 0 and attention_mask is None:
         return None
     mask = None
     if seq_len > 1:
@@ -100,10 +114,6 @@ def additive_mask(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor
         pad = (1.0 - attention_mask.to(dtype))[:, None, None, :]
         pad = pad.masked_fill(pad != 0, m)
         mask = pad if mask is None else mask + pad
-    if segment_ids is not None:
-        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        block = torch.where(same, 0.0, m).to(dtype)
-        mask = block if mask is None else mask + block
     return mask
 
 
@@ -206,7 +216,7 @@ class QWenModel(QWenPreTrainedModel):
             hidden[row, a + 1: b] = images[k].to(hidden.dtype)
 
         rotary = self._rotary(input_ids, past_len, segment_ids, alpha)
-        mask = additive_mask(attention_mask, segment_ids, seq_len, past_len, hidden.dtype, hidden.device)
+        mask = attention_pattern(attention_mask, segment_ids, seq_len, past_len, hidden.dtype, hidden.device)
         all_hidden = []
         for block in self.h:
             if output_hidden_states:
