@@ -3,7 +3,8 @@
 Differences from the release that change no golden output (docs/qwen-vl.md, "workbench rule"):
 * the NTK alpha is computed from the current call only and carried on the KV cache
   (`cache.ntk_alpha`) for decoding, never leaked from an earlier call into training;
-* images can come as `pixel_values` [K,3,S,S] instead of paths inside the ids;
+* images can come as `pixel_values` [K,3,S,S] instead of paths inside the ids, or as the visual
+  module's output computed beforehand, `image_features` [K,256,D] (the frozen-ViT cache);
 * `segment_ids` (packing) give causal attention inside each segment (no mask is built) and
   per-segment RoPE positions;
 * `loss_chunk_size` computes the loss chunk by chunk from the hidden states.
@@ -153,13 +154,22 @@ class QWenModel(QWenPreTrainedModel):
         size = self.visual.image_size
         return torch.stack([preprocess(load_image(p, self.image_root), size) for p in paths])
 
-    def _image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    def _image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                        image_features: torch.Tensor | None = None
                         ) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
-        """docs/qwen-vl.md §5.7: features of every span (row-major), the training dummy, or nothing."""
+        """docs/qwen-vl.md §5.7: features of every span (row-major), the training dummy, or nothing.
+
+        `image_features` [K, 256, D] are the visual module's output computed beforehand (the
+        frozen-ViT cache, data/vit_cache.py): they stand in for `self.visual(pixel_values)`."""
         spans = find_image_spans(input_ids, self.config.image_start_id)
-        if pixel_values is not None and pixel_values.shape[0] != len(spans):
-            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but input_ids hold "
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("give either pixel_values or image_features, not both")
+        given, name = (pixel_values, "pixel_values") if image_features is None else (image_features, "image_features")
+        if given is not None and given.shape[0] != len(spans):
+            raise ValueError(f"{name} holds {given.shape[0]} images but input_ids hold "
                              f"{len(spans)} <img>...</img> spans")
+        if spans and image_features is not None:
+            return spans, image_features
         if spans:
             pixels = pixel_values if pixel_values is not None else self._read_images(input_ids, spans)
             return spans, self.visual(pixels)
@@ -184,7 +194,8 @@ class QWenModel(QWenPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool = False,
-                segment_ids: torch.Tensor | None = None, **ignored) -> BaseModelOutputWithPast:
+                segment_ids: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                **ignored) -> BaseModelOutputWithPast:
         cfg = self.config
         batch, seq_len = input_ids.shape
         if use_cache is None:
@@ -208,7 +219,7 @@ class QWenModel(QWenPreTrainedModel):
         if cfg.use_logn_attn and not self.training and past_len + seq_len > cfg.seq_length:
             logn = logn_factors(past_len, seq_len, cfg.seq_length, input_ids.device)
 
-        spans, images = self._image_features(input_ids, pixel_values) if past_len == 0 else ([], None)
+        spans, images = self._image_features(input_ids, pixel_values, image_features) if past_len == 0 else ([], None)
         hidden = self.drop(self.wte(input_ids)).clone()
         if images is not None and not spans:
             hidden = hidden + images.mean() * 0
@@ -270,10 +281,11 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool = False, segment_ids: torch.Tensor | None = None,
-                **ignored) -> CausalLMOutputWithPast:
+                image_features: torch.Tensor | None = None, **ignored) -> CausalLMOutputWithPast:
         out = self.transformer(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                                past_key_values=past_key_values, use_cache=use_cache,
-                               output_hidden_states=output_hidden_states, segment_ids=segment_ids)
+                               output_hidden_states=output_hidden_states, segment_ids=segment_ids,
+                               image_features=image_features)
         hidden = out.last_hidden_state
         logits = loss = None
         if labels is not None and self.loss_chunk_size:
