@@ -34,6 +34,10 @@ class SFTCollator:
         pixels = [it["pixel_values"] for it in items if "pixel_values" in it and len(it["pixel_values"])]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels).float()
+        # Cached ViT output (data.vit_cache), in the dtype the visual module gave it: cast as the model would.
+        features = [it["image_features"] for it in items if "image_features" in it]
+        if features:
+            batch["image_features"] = torch.cat(features)
         return batch
 
 

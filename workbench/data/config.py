@@ -29,6 +29,11 @@ class DataConfig:
     packing: bool = False
     pad_to_multiple_of: int | None = option(None, ge=1)
     num_workers: int = option(2, ge=0)
+    # Frozen-ViT cache (data/vit_cache.py): the visual module's output per distinct image, computed
+    # once before training and read instead of pixels. Only for recipes that train neither the ViT
+    # nor the resampler. None: ~/.cache/workbench/vit.
+    vit_cache: bool = False
+    vit_cache_dir: str | None = None
     # None resolves by label_mode: True for `assistant` (typed <|im_start|> etc. stay plain text, as
     # make_context encodes them at chat time), False for `official` (finetune.py made them special ids).
     escape_special_text: bool | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +21,7 @@ from workbench.data.length import LengthReport, apply_length_policy
 from workbench.data.packing import concat, pack
 from workbench.data.records import Conversation, load_conversations
 from workbench.data.render import render
+from workbench.data.vit_cache import read_features
 from workbench.errors import DataError, WorkbenchError
 from workbench.model.image_processing import load_image, preprocess
 from workbench.prompt import Sample, load_template, tokenize
@@ -29,25 +31,45 @@ MAX_LISTED_PROBLEMS = 10
 
 class SFTDataset(Dataset):
     """Item i: `input_ids`, `labels` (int64 [S]), `pixel_values` (float32 [K,3,H,W], K images in
-    span order) and, when packed, `segment_ids` (int64 [S], 1..n)."""
+    span order) and, when packed, `segment_ids` (int64 [S], 1..n).
+
+    With `vit_cache` set (data/vit_cache.py, filled before training) an item holds the cached
+    `image_features` [K, 256, D] of its images instead of `pixel_values` (none when it has no image).
+    """
 
     def __init__(self, samples: list[Sample], image_size: int, packing_length: int | None = None):
         self.samples = samples
         self.image_size = image_size
         self.rows = pack([len(s) for s in samples], packing_length) if packing_length else None
+        self.vit_cache: dict[str, tuple[str, dict[str, str]]] | None = None  # image path -> (file, metadata)
 
     def __len__(self) -> int:
         return len(self.rows) if self.rows is not None else len(self.samples)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         if self.rows is None:
-            s = self.samples[i]
-            return {"input_ids": torch.tensor(s.input_ids), "labels": torch.tensor(s.labels),
-                    "pixel_values": self._pixels([s])}
-        group = [self.samples[j] for j in self.rows[i]]
-        ids, labels, segments, _ = concat(group)
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
-                "segment_ids": torch.tensor(segments), "pixel_values": self._pixels(group)}
+            group = [self.samples[i]]
+            item = {"input_ids": torch.tensor(group[0].input_ids), "labels": torch.tensor(group[0].labels)}
+        else:
+            group = [self.samples[j] for j in self.rows[i]]
+            ids, labels, segments, _ = concat(group)
+            item = {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels),
+                    "segment_ids": torch.tensor(segments)}
+        if self.vit_cache is None:
+            item["pixel_values"] = self._pixels(group)
+        elif any(s.images for s in group):
+            item["image_features"] = self._features(group)
+        return item
+
+    def _features(self, samples: list[Sample]) -> torch.Tensor:
+        out = []
+        for path in (p for s in samples for p in s.images):
+            file, meta = self.vit_cache[str(path)]
+            out.append(read_features(Path(file), meta))
+        return torch.stack(out)
+
+    def image_paths(self) -> list[Path]:
+        return [Path(p) for s in self.samples for p in s.images]
 
     def _pixels(self, samples: list[Sample]) -> torch.Tensor:
         out = []

@@ -3,8 +3,10 @@
 Differences from the release that change no golden output (docs/qwen-vl.md, "workbench rule"):
 * the NTK alpha is computed from the current call only and carried on the KV cache
   (`cache.ntk_alpha`) for decoding, never leaked from an earlier call into training;
-* images can come as `pixel_values` [K,3,S,S] instead of paths inside the ids;
-* `segment_ids` (packing) give a block-diagonal causal mask and per-segment RoPE positions;
+* images can come as `pixel_values` [K,3,S,S] instead of paths inside the ids, or as the visual
+  module's output computed beforehand, `image_features` [K,256,D] (the frozen-ViT cache);
+* `segment_ids` (packing) give causal attention inside each segment (no mask is built) and
+  per-segment RoPE positions;
 * `loss_chunk_size` computes the loss chunk by chunk from the hidden states.
 """
 
@@ -22,7 +24,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from workbench.model.config import QWenConfig
 from workbench.model.image_processing import load_image, preprocess
-from workbench.model.qwen import QWenBlock, RMSNorm, logn_factors, ntk_alpha, rotary_table
+from workbench.model.qwen import QWenBlock, RMSNorm, Segments, logn_factors, ntk_alpha, rotary_table
 from workbench.model.vision import VisionTransformer
 
 IGNORE_INDEX = -100
@@ -78,18 +80,31 @@ def span_path(input_ids: torch.Tensor, row: int, a: int, b: int, img_pad_id: int
     return bytes(ids).decode("utf-8")
 
 
-def additive_mask(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, seq_len: int,
-                  past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+def attention_pattern(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor | None, seq_len: int,
+                      past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | Segments | None:
+    """What the attention layers are given: `Segments` for a packed batch (per-segment causal
+    attention, no mask at all), else the release's additive mask (None for a plain prefill)."""
+    if segment_ids is None:
+        return additive_mask(attention_mask, seq_len, past_len, dtype, device)
+    if attention_mask is not None and bool(((attention_mask != 0) != (segment_ids > 0)).any()):
+        # Segments replace the mask entirely, so a mask that says otherwise would be silently ignored.
+        raise ValueError("attention_mask disagrees with segment_ids: a packed batch's mask must be 1 "
+                         "exactly where segment_ids > 0 (0 marks padding in both)")
+    return Segments.from_ids(segment_ids)
+
+
+def additive_mask(attention_mask: torch.Tensor | None, seq_len: int, past_len: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor | None:
     """docs/qwen-vl.md §5.6: the sum of additive masks with finfo.min entries (two of them add up to -inf).
 
-    None when plain causal attention is exact: a prefill with no padding and no packing. The
-    attention then asks SDPA for `is_causal`, which lets it pick its flash kernels on the GPU
-    (a float mask rules them out); an all-ones attention_mask adds nothing to the scores.
+    None when plain causal attention is exact: a prefill with no padding. The attention then asks
+    SDPA for `is_causal`, which lets it pick its flash kernels on the GPU (a float mask rules them
+    out); an all-ones attention_mask adds nothing to the scores.
     """
     m = torch.finfo(dtype).min
     if attention_mask is not None and bool(attention_mask.all()):
         attention_mask = None
-    if past_len == 0 and attention_mask is None and segment_ids is None:
+    if past_len == 0 and attention_mask is None:
         return None
     mask = None
     if seq_len > 1:
@@ -100,10 +115,6 @@ def additive_mask(attention_mask: torch.Tensor | None, segment_ids: torch.Tensor
         pad = (1.0 - attention_mask.to(dtype))[:, None, None, :]
         pad = pad.masked_fill(pad != 0, m)
         mask = pad if mask is None else mask + pad
-    if segment_ids is not None:
-        same = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-        block = torch.where(same, 0.0, m).to(dtype)
-        mask = block if mask is None else mask + block
     return mask
 
 
@@ -143,13 +154,22 @@ class QWenModel(QWenPreTrainedModel):
         size = self.visual.image_size
         return torch.stack([preprocess(load_image(p, self.image_root), size) for p in paths])
 
-    def _image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None
+    def _image_features(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+                        image_features: torch.Tensor | None = None
                         ) -> tuple[list[tuple[int, int, int]], torch.Tensor | None]:
-        """docs/qwen-vl.md §5.7: features of every span (row-major), the training dummy, or nothing."""
+        """docs/qwen-vl.md §5.7: features of every span (row-major), the training dummy, or nothing.
+
+        `image_features` [K, 256, D] are the visual module's output computed beforehand (the
+        frozen-ViT cache, data/vit_cache.py): they stand in for `self.visual(pixel_values)`."""
         spans = find_image_spans(input_ids, self.config.image_start_id)
-        if pixel_values is not None and pixel_values.shape[0] != len(spans):
-            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images but input_ids hold "
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("give either pixel_values or image_features, not both")
+        given, name = (pixel_values, "pixel_values") if image_features is None else (image_features, "image_features")
+        if given is not None and given.shape[0] != len(spans):
+            raise ValueError(f"{name} holds {given.shape[0]} images but input_ids hold "
                              f"{len(spans)} <img>...</img> spans")
+        if spans and image_features is not None:
+            return spans, image_features
         if spans:
             pixels = pixel_values if pixel_values is not None else self._read_images(input_ids, spans)
             return spans, self.visual(pixels)
@@ -174,7 +194,8 @@ class QWenModel(QWenPreTrainedModel):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool = False,
-                segment_ids: torch.Tensor | None = None, **ignored) -> BaseModelOutputWithPast:
+                segment_ids: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
+                **ignored) -> BaseModelOutputWithPast:
         cfg = self.config
         batch, seq_len = input_ids.shape
         if use_cache is None:
@@ -198,7 +219,7 @@ class QWenModel(QWenPreTrainedModel):
         if cfg.use_logn_attn and not self.training and past_len + seq_len > cfg.seq_length:
             logn = logn_factors(past_len, seq_len, cfg.seq_length, input_ids.device)
 
-        spans, images = self._image_features(input_ids, pixel_values) if past_len == 0 else ([], None)
+        spans, images = self._image_features(input_ids, pixel_values, image_features) if past_len == 0 else ([], None)
         hidden = self.drop(self.wte(input_ids)).clone()
         if images is not None and not spans:
             hidden = hidden + images.mean() * 0
@@ -206,7 +227,7 @@ class QWenModel(QWenPreTrainedModel):
             hidden[row, a + 1: b] = images[k].to(hidden.dtype)
 
         rotary = self._rotary(input_ids, past_len, segment_ids, alpha)
-        mask = additive_mask(attention_mask, segment_ids, seq_len, past_len, hidden.dtype, hidden.device)
+        mask = attention_pattern(attention_mask, segment_ids, seq_len, past_len, hidden.dtype, hidden.device)
         all_hidden = []
         for block in self.h:
             if output_hidden_states:
@@ -260,10 +281,11 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool = False, segment_ids: torch.Tensor | None = None,
-                **ignored) -> CausalLMOutputWithPast:
+                image_features: torch.Tensor | None = None, **ignored) -> CausalLMOutputWithPast:
         out = self.transformer(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                                past_key_values=past_key_values, use_cache=use_cache,
-                               output_hidden_states=output_hidden_states, segment_ids=segment_ids)
+                               output_hidden_states=output_hidden_states, segment_ids=segment_ids,
+                               image_features=image_features)
         hidden = out.last_hidden_state
         logits = loss = None
         if labels is not None and self.loss_chunk_size:

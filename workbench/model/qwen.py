@@ -4,11 +4,16 @@ Attention runs through `F.scaled_dot_product_attention` with the release's ADDIT
 masks (finfo.min, not -inf and not boolean: padded query rows then stay finite exactly as in
 the original) and an explicit scale of 1/sqrt(d) rounded through the model dtype (the release
 divides by a 0-d tensor of the model dtype, which is 11.3125 rather than 11.3137 in bf16).
+
+Packed batches (`segment_ids`) never build a mask: `Segments` holds each row's runs of equal
+segment id, and `segment_attention` runs plain causal attention per run (runs of one length are
+stacked into one SDPA call), so no [L, L] tensor of the row length L is ever made.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +66,91 @@ def logn_factors(start: int, length: int, seq_length: int, device: torch.device)
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
+@dataclass(frozen=True, eq=False)
+class Segments:
+    """The runs of equal segment id in a packed batch [B, S] (padding, id 0, is a run of its own:
+    its outputs are never read, they stay finite and see no real token).
+
+    `runs[b]` is row b's ((start, length), ...). `groups` maps a run length to the flat indices
+    (b * S + position) of all runs of that length, [n, length]; `inverse` puts the outputs of the
+    groups, concatenated in `groups` order, back in flat order; `cu_seqlens` (int32) are the run
+    boundaries in flat order, as flash-attn's varlen kernels take them.
+    """
+
+    runs: tuple[tuple[tuple[int, int], ...], ...]
+    groups: dict[int, torch.Tensor]
+    inverse: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_length: int
+
+    @classmethod
+    def from_ids(cls, segment_ids: torch.Tensor) -> Segments:
+        batch, width = segment_ids.shape
+        ids = segment_ids.tolist()  # one sync; the runs are host-side bookkeeping
+        runs = tuple(_runs(row) for row in ids)
+        by_length: dict[int, list[int]] = {}
+        for b, row_runs in enumerate(runs):
+            for start, length in row_runs:
+                by_length.setdefault(length, []).append(b * width + start)
+        device = segment_ids.device
+        groups = {n: (torch.tensor(starts, device=device)[:, None] + torch.arange(n, device=device))
+                  for n, starts in sorted(by_length.items())}
+        order = torch.cat([g.flatten() for g in groups.values()])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=device)
+        lengths = [n for row_runs in runs for _, n in row_runs]
+        cu = torch.tensor([0, *lengths], device=device).cumsum(0).to(torch.int32)
+        return cls(runs, groups, inverse, cu, max(lengths))
+
+
+def _runs(row: list[int]) -> tuple[tuple[int, int], ...]:
+    """(start, length) of each maximal stretch of equal ids."""
+    out, start = [], 0
+    for i in range(1, len(row) + 1):
+        if i == len(row) or row[i] != row[start]:
+            out.append((start, i - start))
+            start = i
+    return tuple(out)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
+                      scale: float, dropout_p: float) -> torch.Tensor:
+    """Causal attention inside each run: [B, H, S, d] in, [B, H, S, d] out."""
+    b, h, s, d = q.shape
+    q, k, v = (t.transpose(1, 2).reshape(b * s, h, d) for t in (q, k, v))  # flat [B*S, H, d]
+    if _use_flash_varlen(q):
+        out = _flash_varlen(q, k, v, segments, scale, dropout_p)
+    else:
+        outs = []
+        for n, idx in segments.groups.items():
+            qg, kg, vg = (t[idx].transpose(1, 2) for t in (q, k, v))  # [runs, H, n, d]
+            og = F.scaled_dot_product_attention(qg, kg, vg, is_causal=n > 1, scale=scale, dropout_p=dropout_p)
+            outs.append(og.transpose(1, 2).reshape(-1, h, d))
+        out = torch.cat(outs)[segments.inverse]
+    return out.view(b, s, h, d).transpose(1, 2)
+
+
+def _use_flash_varlen(q: torch.Tensor) -> bool:
+    if not (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)):
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments,
+                  scale: float, dropout_p: float) -> torch.Tensor:
+    """UNTESTED here (no CUDA, no flash-attn on the CI machine): the runs are contiguous in flat
+    order, so the flat tensors go in as they are, with the run boundaries as cu_seqlens."""
+    from flash_attn import flash_attn_varlen_func
+
+    cu = segments.cu_seqlens
+    return flash_attn_varlen_func(q, k, v, cu, cu, segments.max_length, segments.max_length,
+                                  dropout_p=dropout_p, softmax_scale=scale, causal=True)
+
+
 class QWenAttention(nn.Module):
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
@@ -72,7 +162,7 @@ class QWenAttention(nn.Module):
         self.attn_dropout = config.attn_dropout_prob
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None, logn: torch.Tensor | None,
+                attention_mask: torch.Tensor | Segments | None, logn: torch.Tensor | None,
                 past_key_values: Cache | None) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.c_attn(x).split(self.projection_size, dim=2)
@@ -85,11 +175,15 @@ class QWenAttention(nn.Module):
         if past_key_values is not None:  # the cache holds post-RoPE keys
             k, v = past_key_values.update(k, v, self.layer_idx)
         scale = 1.0 / torch.tensor(math.sqrt(self.head_dim), dtype=q.dtype).item()
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if isinstance(attention_mask, Segments):  # packed: causal attention inside each segment
+            out = segment_attention(q, k, v, attention_mask, scale, dropout_p)
+            return self.c_proj(out.transpose(1, 2).reshape(b, s, self.projection_size))
         # No mask for several queries means plain causal attention from position 0 (a prefill without
-        # padding or packing: see modeling.additive_mask); one query (decoding) sees every key.
+        # padding or packing: see modeling.attention_pattern); one query (decoding) sees every key.
         causal = attention_mask is None and s > 1
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=causal, scale=scale,
-                                             dropout_p=self.attn_dropout if self.training else 0.0)
+                                             dropout_p=dropout_p)
         return self.c_proj(out.transpose(1, 2).reshape(b, s, self.projection_size))
 
 
@@ -114,7 +208,7 @@ class QWenBlock(GradientCheckpointingLayer):
         self.mlp = QWenMLP(config)
 
     def forward(self, x: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None, logn: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | Segments | None, logn: torch.Tensor | None = None,
                 past_key_values: Cache | None = None) -> torch.Tensor:
         h = x + self.attn(self.ln_1(x), rotary, attention_mask, logn, past_key_values)
         return h + self.mlp(self.ln_2(h))

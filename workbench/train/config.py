@@ -198,6 +198,12 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         train=build(TrainConfig, top.train, locator(source), "train"),
         image_size=top.image_size, overrides=tuple(overrides),
     )
+    if config.data.vit_cache:
+        for name in ("vit", "resampler"):
+            if config.recipe.components[name].trainable:
+                raise ConfigError(f"{source}: data.vit_cache: the recipe trains the {name} "
+                                  f"({config.recipe.where(name)}); the cache holds the frozen visual "
+                                  "module's output, so set data.vit_cache: false or freeze the ViT and resampler")
     if config.mixed_precision() == "fp16" and top.dtype == "bfloat16":
         raise ConfigError(f"{source}: train.precision: fp16 autocast over bfloat16 weights mixes two half "
                           "formats; use dtype float16 (or float32) with fp16")

@@ -342,8 +342,13 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     )
     for default in (ProgressCallback, PrinterCallback):
         trainer.remove_callback(default)
+    cache = use_vit_cache(trainer, config, data, checked.image_size) if config.data.vit_cache else None
     if state.is_main_process:
         run_record["sessions"][-1]["distributed"] = distributed.describe(trainer.accelerator)
+        if cache is not None:
+            print(cache.summary())
+            run_record["sessions"][-1]["vit_cache"] = {"folder": str(cache.folder), "computed": cache.computed,
+                                                       "reused": cache.reused}
         write_json(out / run_folder.RECORD_NAME, run_record)
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TensorBoardCallback):  # one fixed folder instead of runs/<date>
@@ -371,6 +376,35 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         write_json(out / run_folder.RECORD_NAME, run_record)
         print(record.summary(run_record, out))
     return result
+
+
+def use_vit_cache(trainer: WorkbenchTrainer, config: RunConfig, data: TrainData, image_size: int) -> Any:
+    """data.vit_cache: fill the frozen-ViT cache for every train and eval image (main process first,
+    the other ranks then find every entry), and point the datasets at it. Returns the CacheFill."""
+    from workbench.data import vit_cache
+
+    where = f"{config.source}: data.vit_cache"
+    if trainer.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED) \
+            or trainer.is_fsdp_enabled:
+        raise ConfigError(f"{where}: not supported under FSDP or DeepSpeed (the engine places and may shard "
+                          "the ViT's weights); set data.vit_cache: false or launch without them")
+    visual = trainer.accelerator.unwrap_model(trainer.model).get_base_model().transformer.visual
+    trained = [name for name, p in visual.named_parameters() if p.requires_grad]
+    if trained:
+        raise ConfigError(f"{where}: the recipe trains transformer.visual ({trained[0]}"
+                          f"{f' and {len(trained) - 1} more' if len(trained) > 1 else ''}); the cache holds the "
+                          "frozen visual module's output, so set data.vit_cache: false or freeze it")
+    fingerprint = vit_cache.visual_fingerprint(visual, image_size, config.mixed_precision())
+    folder = vit_cache.cache_root(config.data.vit_cache_dir) / fingerprint
+    paths = data.train.image_paths() + (data.eval.image_paths() if data.eval is not None else [])
+    with trainer.accelerator.main_process_first():
+        # The Trainer's forward runs under the accelerator's autocast: the features are computed under it too.
+        fill = vit_cache.fill_cache(visual, paths, folder, fingerprint, image_size, trainer.accelerator.autocast,
+                                    progress=trainer.is_world_process_zero())
+    for dataset in (data.train, data.eval):
+        if dataset is not None:
+            dataset.vit_cache = fill.entries
+    return fill
 
 
 def start_summary(config: RunConfig, model: torch.nn.Module, data: TrainData, checked: Preflight,
