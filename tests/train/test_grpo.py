@@ -205,3 +205,31 @@ def test_qlora_step_trains_the_lora_weights_after_rollouts(tmp_path, tiny_model,
     lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     # LoRA B starts at zero: a step that moved it had gradients through the 4-bit layers
     assert any(p.abs().sum() > 0 for p in lora_b)
+
+
+# ---- a shortened GRPO on the demo's data ---------------------------------------------------------
+
+SFT_STEPS, GRPO_STEPS = 120, 16
+
+
+@pytest.mark.slow
+def test_grpo_after_a_short_sft_raises_the_mean_reward(tmp_path):
+    """The demo's pipeline in small: SFT until the model writes boxes, then GRPO from its adapter."""
+    from workbench.demo.runner import DEMO_CONFIG, GRPO_CONFIG, make_demo_base_model
+    from workbench.demo.synthetic import make_shapes_dataset
+    from workbench.train.trainer import train
+
+    data = make_shapes_dataset(tmp_path / "data", 200, shapes_per_image=(1, 1), seed=1)
+    base = make_demo_base_model(tmp_path / "base", seed=0)
+    sft = train(load_run_config(DEMO_CONFIG, [f"model={base}", f"data.train={data}", f"train.max_steps={SFT_STEPS}",
+                                              f"train.output_dir={tmp_path / 'sft'}"]))
+    assert sft.status == "completed"
+    result = train(load_run_config(GRPO_CONFIG, [
+        f"model={base}", f"data.train={data}", f"grpo.init_from={sft.output_dir}", f"train.max_steps={GRPO_STEPS}",
+        f"train.output_dir={tmp_path / 'grpo'}", "train.logging_steps=1", "grpo.rewards={iou: 1.0, format: 0.5}"]))
+    assert result.status == "completed"
+    rewards = [m["reward"] for m in read_metrics(result.output_dir / "metrics.jsonl") if "reward" in m]
+    third = len(rewards) // 3
+    first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
+    print(f"mean reward {first:.3f} (first {third} steps) -> {last:.3f} (last {third})")
+    assert last > first, rewards
