@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from workbench.errors import ConfigError
+from workbench.errors import ConfigError, WorkbenchError
 from workbench.train import grpo
 from workbench.train.callbacks import read_metrics
 from workbench.train.config import load_run_config
@@ -115,10 +115,11 @@ def config_file(folder: Path, model: Path, data: Path, recipe: str = "lora", grp
                 "weight_decay": 0.0, "max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1,
                 "gradient_checkpointing": False, "save_steps": 2, "logging_steps": 1, "seed": 3,
                 "report_to": "none", **train}
-    section = {"num_generations": 2, "max_new_tokens": 6, "beta": 0.04, "iterations": 2,
+    section = None if grpo_section is None and method == "sft" else {"num_generations": 2, "max_new_tokens": 6, "beta": 0.04, "iterations": 2,
                "rewards": {"iou": 1.0, "format": 0.1}, **(grpo_section or {})}
+    grpo_keys = {"method": method, **({"grpo": section} if section is not None else {})}
     config = {"model": str(model), "dtype": "float32", "adapter": str(write_recipe(folder, recipe)),
-              "method": method, "grpo": section,
+              **grpo_keys,
               "data": {"train": str(data), "max_length": 384, "num_workers": 0}, "train": settings}
     path = folder / "run.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -150,7 +151,7 @@ def test_config_errors_name_the_yaml_key(tmp_path, tiny_model, shapes, section, 
 
 def test_grpo_section_needs_method_grpo_and_entry_points_load(tmp_path, tiny_model, shapes):
     with pytest.raises(ConfigError, match="grpo: given, but method is 'sft'"):
-        load_run_config(config_file(tmp_path, tiny_model, shapes, method="sft"))
+        load_run_config(config_file(tmp_path, tiny_model, shapes, method="sft", grpo_section={}))
     config = load_run_config(config_file(tmp_path, tiny_model, shapes,
                                          grpo_section={"rewards": {"workbench.train.rewards:iou_reward": 2.0}}))
     assert config.method == "grpo" and config.grpo.rewards == {"workbench.train.rewards:iou_reward": 2.0}
@@ -183,7 +184,11 @@ def test_grpo_steps_log_metrics_and_resume(tmp_path, tiny_model, shapes):
     steps = [m["step"] for m in read_metrics(resumed.output_dir / "metrics.jsonl") if "loss" in m]
     assert steps == [1, 2, 3, 4]
     run = json.loads((resumed.output_dir / "workbench_run.json").read_text())
-    assert run["config"]["method"] == "grpo" if "config" in run else True
+    assert run["config"]["method"] == "grpo" and len(run["sessions"]) == 2
+    # a GRPO run folder is not resumed as SFT
+    sft = config_file(tmp_path, tiny_model, shapes, method="sft", grpo_section=None, max_steps=6)
+    with pytest.raises(WorkbenchError, match="was 'grpo'"):
+        run_grpo(sft, resume=True)
 
 
 def length_reward(answer: str, query, size) -> float:
