@@ -214,7 +214,7 @@ def test_qlora_step_trains_the_lora_weights_after_rollouts(tmp_path, tiny_model,
 
 # ---- a shortened GRPO on the demo's data ---------------------------------------------------------
 
-SFT_STEPS, GRPO_STEPS = 120, 16
+SFT_STEPS, GRPO_STEPS = 200, 12
 
 
 @pytest.mark.slow
@@ -231,7 +231,8 @@ def test_grpo_after_a_short_sft_raises_the_mean_reward(tmp_path):
     assert sft.status == "completed"
     result = train(load_run_config(GRPO_CONFIG, [
         f"model={base}", f"data.train={data}", f"grpo.init_from={sft.output_dir}", f"train.max_steps={GRPO_STEPS}",
-        f"train.output_dir={tmp_path / 'grpo'}", "train.logging_steps=1", "grpo.rewards={iou: 1.0, format: 0.5}"]))
+        f"train.output_dir={tmp_path / 'grpo'}", "train.logging_steps=1", "train.lr=3e-3", "train.batch_size=8", "grpo.iterations=1",
+        "grpo.rewards={iou: 1.0, format: 0.5}"]))
     assert result.status == "completed"
     rewards = [m["reward"] for m in read_metrics(result.output_dir / "metrics.jsonl") if "reward" in m]
     third = len(rewards) // 3

@@ -160,7 +160,9 @@ class GRPOTrainer(WorkbenchTrainer):
             out = base.generate(input_ids=ids, attention_mask=attn, pixel_values=pixels, do_sample=True,
                                 temperature=spec.temperature, top_p=spec.top_p, top_k=0,
                                 max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eod_id,
-                                pad_token_id=tok.pad_token_id, stop_words_ids=get_stop_words_ids(tok), use_cache=True)
+                                pad_token_id=tok.pad_token_id, stop_words_ids=get_stop_words_ids(tok), use_cache=True,
+                                # a sampled <img> would open an image span the log-prob forward refuses
+                                suppress_tokens=[tok.img_start_id, tok.img_end_id, tok.img_pad_id])
         finally:
             model.train(was_training)
         completions = out[:, width:]
