@@ -88,8 +88,8 @@ def _grpo_stage(out: Path, base: Path, train_file: Path, sft_adapter: Path, seed
 
     overrides = [f"model={base}", f"data.train={train_file}", f"train.output_dir={out / 'grpo'}",
                  f"grpo.init_from={sft_adapter}", f"train.seed={seed}"]
-    if steps:
-        overrides += [f"train.max_steps={steps}"]
+    if steps:  # at least one logged point, so a short run still has its curves
+        overrides += [f"train.max_steps={steps}", f"train.logging_steps={max(1, min(5, steps // 20))}"]
     result = train(load_run_config(GRPO_CONFIG, overrides))
     if result.status != "completed":
         raise WorkbenchError(f"{out / 'grpo'}: GRPO stopped ({result.status}); see its workbench_run.json")
