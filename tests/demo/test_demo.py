@@ -24,7 +24,7 @@ def _png_ok(path) -> bool:
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("demo") / "report"
-    return out, main(["demo", "--out", str(out), "--steps", "8", "--seed", "3"])
+    return out, main(["demo", "--out", str(out), "--steps", "8", "--seed", "3", "--grpo", "--grpo-steps", "2"])
 
 
 def test_demo_writes_a_valid_report_folder(demo_run, capsys) -> None:
@@ -33,8 +33,12 @@ def test_demo_writes_a_valid_report_folder(demo_run, capsys) -> None:
     out, code = demo_run
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 8 and metrics["seed"] == 3
-    for when in ("before", "after"):
+    assert metrics["steps"] == 8 and metrics["seed"] == 3 and metrics["after_grpo"]["steps"] == 2
+    from workbench.demo.runner import summary
+
+    assert "after SFT" in summary(metrics, out) and "after GRPO" in summary(metrics, out)
+    assert _png_ok(out / "grpo" / "loss_curve.png")
+    for when in ("before", "after", "after_grpo"):
         assert metrics[when]["n"] > 0 and 0 <= metrics[when]["acc@0.5"] <= 1
         report = json.loads((out / f"eval_{when}" / "report.json").read_text())
         assert len(report["samples"]) == metrics[when]["n"]

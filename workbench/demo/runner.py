@@ -23,6 +23,7 @@ import workbench
 from workbench.errors import WorkbenchError
 
 DEMO_CONFIG = Path(workbench.__file__).resolve().parents[1] / "configs" / "demo.yaml"
+GRPO_CONFIG = DEMO_CONFIG.with_name("demo-grpo.yaml")
 # 224 px with 14 px patches is a 16 x 16 grid: one patch per resampler query (tiny_vision.py).
 BASE_SIZES = {"hidden_size": 128, "num_hidden_layers": 2,
               "visual": {"image_size": 224, "width": 64, "layers": 2, "heads": 4}}
@@ -76,8 +77,30 @@ def _ask(model, tokenizer, query, out_png: Path) -> dict:
             "answer": answer, "png": str(out_png), "box_drawn": boxed}
 
 
-def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0) -> dict:
-    """Data -> base model -> eval -> LoRA training -> merge + verify -> eval + one drawn answer."""
+def _grpo_stage(out: Path, base: Path, train_file: Path, sft_adapter: Path, seed: int, steps: int | None,
+                tokenizer, queries: list) -> dict:
+    """GRPO (configs/demo-grpo.yaml) continuing the SFT adapter, then Acc@0.5 of base + GRPO adapter."""
+    from peft import PeftModel
+
+    from workbench.api import load_model
+    from workbench.train.config import load_run_config
+    from workbench.train.trainer import train
+
+    overrides = [f"model={base}", f"data.train={train_file}", f"train.output_dir={out / 'grpo'}",
+                 f"grpo.init_from={sft_adapter}", f"train.seed={seed}"]
+    if steps:  # at least one logged point, so a short run still has its curves
+        overrides += [f"train.max_steps={steps}", f"train.logging_steps={max(1, min(5, steps // 20))}"]
+    result = train(load_run_config(GRPO_CONFIG, overrides))
+    if result.status != "completed":
+        raise WorkbenchError(f"{out / 'grpo'}: GRPO stopped ({result.status}); see its workbench_run.json")
+    model = PeftModel.from_pretrained(load_model(base, dtype=torch.float32), result.output_dir).eval()
+    return {**_evaluate(model, tokenizer, queries, out / "eval_after_grpo"), "steps": result.global_step}
+
+
+def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0, grpo: bool = False,
+             grpo_steps: int | None = None) -> dict:
+    """Data -> base model -> eval -> LoRA training -> merge + verify -> eval + one drawn answer
+    (-> with `grpo`, GRPO from the SFT adapter -> eval)."""
     from workbench.api import load_model, load_tokenizer
     from workbench.atomic import write_json
     from workbench.demo.synthetic import make_shapes_dataset
@@ -120,7 +143,12 @@ def run_demo(out_dir: str | Path, steps: int | None = None, seed: int = 0) -> di
     after = _evaluate(merged, tokenizer, queries, out / "eval_after")
     example = _ask(merged, tokenizer, queries[0], out / "answer.png")
 
-    metrics = {"before": before, "after": after, "steps": result.global_step, "seed": seed,
+    if grpo:
+        print(f"[6/6] GRPO with {GRPO_CONFIG.name} from the SFT adapter, then Acc@0.5")
+    after_grpo = _grpo_stage(out, base, train_file, result.output_dir, seed, grpo_steps, tokenizer,
+                             queries) if grpo else None
+    metrics = {"before": before, "after": after, **({"after_grpo": after_grpo} if grpo else {}),
+               "steps": result.global_step, "seed": seed,
                "train_queries": len(train_file.read_text().splitlines()), "merge_verify": merge["verify"],
                "example": example, "seconds": round(time.time() - started, 1)}
     write_json(out / "metrics.json", metrics)
@@ -133,6 +161,9 @@ def summary(metrics: dict, out_dir: str | Path) -> str:
     return "\n".join([
         f"Acc@0.5 {b['acc@0.5']:.3f} -> {a['acc@0.5']:.3f}, mean IoU {b['mean_iou']:.3f} -> {a['mean_iou']:.3f} "
         f"({a['n']} held-out queries, {metrics['steps']} steps, {metrics['seconds']:.0f} s)",
+        *([f"Acc@0.5 before {b['acc@0.5']:.3f}, after SFT {a['acc@0.5']:.3f}, after GRPO "
+            f"{metrics['after_grpo']['acc@0.5']:.3f} ({metrics['after_grpo']['steps']} GRPO steps; "
+            f"eval_after_grpo/, grpo/loss_curve.png)"] if "after_grpo" in metrics else []),
         f"question: {metrics['example']['question']}",
         f"answer:   {metrics['example']['answer']}",
         f"report folder: {out}",

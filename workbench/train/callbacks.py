@@ -68,6 +68,8 @@ class ProgressBar(TrainerCallback):
             postfix = {"loss": f"{logs['loss']:.4f}"}
             if "train_tokens_per_second" in logs:
                 postfix["tok/s"] = f"{logs['train_tokens_per_second']:.0f}"
+            if "reward" in logs:  # GRPO: the loss hovers near 0 by construction; the reward is the news
+                postfix["reward"] = f"{logs['reward']:.3f}"
             if "learning_rate" in logs:
                 postfix["lr"] = f"{logs['learning_rate']:.2e}"
             self.bar.set_postfix(postfix, refresh=False)

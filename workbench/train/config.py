@@ -9,7 +9,7 @@ Every error is a `ConfigError` naming the file and the dotted key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +29,7 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
+Method = Literal["sft", "grpo"]
 
 
 @dataclass(frozen=True)
@@ -109,6 +110,33 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class GRPOConfig:
+    """The `grpo:` section (with `method: grpo`): group-relative policy optimisation on grounding
+    queries (docs/grpo.md). Each optimizer step samples `num_generations` answers per prompt,
+    scores them with the weighted rewards and trains on the group-normalised advantages."""
+
+    num_generations: int = option(8, ge=2)      # G answers per prompt (one group)
+    temperature: float = option(1.0, gt=0)
+    top_p: float = option(1.0, gt=0, le=1)
+    max_new_tokens: int = option(64, gt=0)
+    beta: float = option(0.0, ge=0)             # KL weight (to the base: the adapters disabled)
+    epsilon: float = option(0.2, gt=0, lt=1)    # ratio clip range [1 - eps, 1 + eps]
+    # optimizer steps on one rollout; > 1 makes the ratio differ from 1 and the clipping matter
+    iterations: int = option(1, gt=0)
+    # name -> weight: built-ins (iou, acc@0.5, format) or `module:function` (rewards.py)
+    rewards: dict[str, Any] = field(default_factory=lambda: {"iou": 1.0})
+    init_from: str | None = None               # an SFT run folder whose adapter GRPO continues; None: base
+    prompt: str = "chat"                       # the grounding prompt (as train.eval_grounding.prompt)
+    # control experiment: each prompt gets another prompt's image (the reward still uses its own box)
+    shuffle_images: bool = False
+
+    def check(self) -> None:
+        from workbench.train.rewards import check_reward_spec
+
+        check_reward_spec(self.rewards)
+
+
+@dataclass(frozen=True)
 class RunFile:
     """The top level of a run config file."""
 
@@ -121,6 +149,8 @@ class RunFile:
     # trainer checks it against the patch size (it needs the model) and sets it on the model.
     image_size: int | None = option(None, gt=0)
     adapter_overrides: dict[str, Any] | None = None
+    method: Method = "sft"
+    grpo: GRPOConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +167,8 @@ class RunConfig:
     train: TrainConfig
     image_size: int | None = None
     overrides: tuple[str, ...] = ()  # the --set arguments, for the run record
+    method: Method = "sft"
+    grpo: GRPOConfig | None = None  # set (defaults filled in) iff method is grpo
 
     def to_dict(self) -> dict[str, Any]:
         """The config with every default filled in (the content of config.resolved.yaml)."""
@@ -148,6 +180,7 @@ class RunConfig:
             "adapter_overrides": self.adapter_overrides,
             "data": self.data.to_dict(),
             "train": to_plain(self.train),
+            **({"method": "grpo", "grpo": to_plain(self.grpo)} if self.method == "grpo" else {}),
         }
 
     def mixed_precision(self) -> str:
@@ -178,6 +211,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
     return raw
 
 
+def _grpo_section(top: RunFile, source: str) -> GRPOConfig | None:
+    if top.method == "grpo":
+        return top.grpo or GRPOConfig()
+    if top.grpo is not None:
+        raise ConfigError(f"{source}: grpo: given, but method is {top.method!r}; add `method: grpo`")
+    return None
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config YAML, apply `--set` overrides and validate every section."""
     source = str(path)
@@ -196,7 +237,8 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         recipe=load_recipe(top.adapter, adapter_overrides, source=source),
         data=DataConfig.from_dict(top.data, source=source),
         train=build(TrainConfig, top.train, locator(source), "train"),
-        image_size=top.image_size, overrides=tuple(overrides),
+        image_size=top.image_size, overrides=tuple(overrides), method=top.method,
+        grpo=_grpo_section(top, source),
     )
     if config.data.vit_cache:
         for name in ("vit", "resampler"):

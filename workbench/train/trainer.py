@@ -161,7 +161,8 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must show in the logs, not be averaged away
-        include_num_input_tokens_seen="non_padding",
+        # GRPO batches are queries (no input_ids to count)
+        include_num_input_tokens_seen="non_padding" if config.method == "sft" else "no",
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -241,10 +242,17 @@ def build_data(config: RunConfig, tokenizer: Any, image_size: int) -> TrainData:
     from workbench.data.dataset import load_sft_data
     from workbench.data.records import find_files
 
+    files = find_files([*config.data.train, *config.data.eval])
+    if config.method == "grpo":  # prompts and true boxes; the rollout builds the tensors
+        from workbench.train.grpo_trainer import collate_queries, load_grpo_queries
+
+        queries = load_grpo_queries(config)
+        if PartialState().is_main_process:
+            print(f"grpo: {len(queries)} grounding queries in {', '.join(config.data.train)}")
+        return TrainData(train=queries, eval=None, files=files, collator=collate_queries)
     data = load_sft_data(config.data, tokenizer, image_size=image_size)
     if PartialState().is_main_process:
         print(data.report.summary())
-    files = find_files([*config.data.train, *config.data.eval])
     return TrainData(train=data.train, eval=data.eval, files=files,
                      collator=SFTCollator(tokenizer.pad_token_id, config.data.pad_to_multiple_of))
 
@@ -316,6 +324,10 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
 
     set_seed(config.train.seed)  # before the adapter is built: LoRA init is random
     model = build_model(config, state.device)
+    if config.grpo is not None and config.grpo.init_from:
+        from workbench.train.grpo_trainer import init_from_run
+
+        init_from_run(model, config.grpo.init_from, config.source)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run_record = None
     if state.is_main_process:
@@ -331,8 +343,13 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
 
     guard = RunGuard()
     extra = [EarlyStoppingCallback(config.train.early_stopping_patience)] if config.train.early_stopping_patience else []
-    trainer = WorkbenchTrainer(
-        model=model, args=training_arguments(config, has_eval=data.eval is not None),
+    trainer_cls, extra_kwargs = WorkbenchTrainer, {}
+    if config.method == "grpo":
+        from workbench.train.grpo_trainer import GRPOTrainer
+
+        trainer_cls, extra_kwargs = GRPOTrainer, {"tokenizer": checked.tokenizer}
+    trainer = trainer_cls(
+        model=model, args=training_arguments(config, has_eval=data.eval is not None), **extra_kwargs,
         data_collator=data.collator, train_dataset=data.train,
         # grounding alone still needs an eval "dataset" for the Trainer to schedule evaluations
         eval_dataset=data.eval if data.eval is not None else (grounding.queries if grounding else None),
@@ -427,6 +444,11 @@ def start_summary(config: RunConfig, model: torch.nn.Module, data: TrainData, ch
         f"resume:     {checked.resume_from or 'no (a new run)'}",
         *(f"  changed on resume: {c}" for c in checked.schedule_changes),
     ]
+    if config.grpo is not None:
+        g = config.grpo
+        lines.append(f"grpo:       G={g.num_generations} answers per prompt, T={g.temperature}, top_p={g.top_p}, "
+                     f"beta={g.beta}, eps={g.epsilon}, {g.iterations} step(s) per rollout, rewards {g.rewards}, "
+                     f"from {g.init_from or 'the base'}" + (", images SHUFFLED (control)" if g.shuffle_images else ""))
     if t.eval_grounding is not None:
         lines.append(f"grounding:  Acc@0.5 every {t.evaluation_steps()} steps"
                      + (f", best by {t.metric_for_best}" if t.metric_for_best else ""))

@@ -1,0 +1,241 @@
+"""GRPO (issue 20): the loss against a hand computation, the config, and short runs on shapes data."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from workbench.errors import ConfigError, WorkbenchError
+from workbench.train import grpo
+from workbench.train.callbacks import read_metrics
+from workbench.train.config import load_run_config
+
+# ---- the maths on fixed numbers ------------------------------------------------------------------
+
+EPS = 0.2
+
+
+def hand_token_loss(logp: float, old: float, ref: float, adv: float, beta: float) -> tuple[float, float, bool]:
+    """One token's -min(r A, clip(r) A) + beta k3, written out with floats."""
+    r = math.exp(logp - old)
+    r_clip = min(max(r, 1 - EPS), 1 + EPS)
+    kl = math.exp(ref - logp) - (ref - logp) - 1
+    return -min(r * adv, r_clip * adv) + beta * kl, kl, r_clip * adv < r * adv
+
+
+# (logp, old) per token: ratio inside, above 1+eps, below 1-eps; advantage sign decides which clip bites
+TOKENS = [(-1.0, -1.1), (-0.5, -1.0), (-2.0, -1.5)]   # ratios 1.105, 1.649, 0.607
+REF = [-1.2, -0.7, -1.9]
+
+
+@pytest.mark.parametrize("adv,beta,clipped", [
+    (1.5, 0.0, [False, True, False]),    # A > 0: only the ratio above 1+eps is clipped
+    (-0.8, 0.0, [False, False, True]),   # A < 0: only the ratio below 1-eps is clipped
+    (1.5, 0.1, [False, True, False]),    # the KL term added
+    (0.0, 0.5, [False, False, False]),   # no advantage: the loss is the KL alone
+])
+def test_policy_loss_equals_hand_computation(adv, beta, clipped):
+    # two answers: the first has the three tokens, the second only the first (mask), with -adv
+    logp = torch.tensor([[t[0] for t in TOKENS], [TOKENS[0][0], 0.0, 0.0]], dtype=torch.float64)
+    old = torch.tensor([[t[1] for t in TOKENS], [TOKENS[0][1], 0.0, 0.0]], dtype=torch.float64)
+    ref = torch.tensor([REF, [REF[0], 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    parts = grpo.policy_loss(logp, old, torch.tensor([adv, -adv], dtype=torch.float64), mask,
+                             epsilon=EPS, beta=beta, ref_logp=ref)
+
+    row1 = [hand_token_loss(lp, o, r, adv, beta) for (lp, o), r in zip(TOKENS, REF)]
+    row2 = hand_token_loss(TOKENS[0][0], TOKENS[0][1], REF[0], -adv, beta)
+    expected = (sum(t[0] for t in row1) / 3 + row2[0]) / 2   # per answer mean, then mean over answers
+    assert parts.loss.item() == pytest.approx(expected, abs=1e-12)
+    kls = [t[1] for t in row1] + [row2[1]]
+    assert parts.kl.item() == pytest.approx(sum(kls) / 4, abs=1e-12)
+    assert [t[2] for t in row1] == clipped
+    assert parts.clip_fraction.item() == pytest.approx((sum(clipped) + row2[2]) / 4)
+
+
+def test_ratio_one_gives_the_policy_gradient():
+    """On a rollout's first step (old = logp detached) the loss is -A and its gradient is -A/|o| d logp."""
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -3.0]], requires_grad=True)
+    adv = torch.tensor([2.0, -1.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    parts = grpo.policy_loss(logp, logp.detach(), adv, mask, epsilon=EPS)
+    parts.loss.backward()
+    assert parts.loss.item() == pytest.approx(-(2.0 - 1.0) / 2)
+    assert logp.grad.flatten().tolist() == pytest.approx([-2.0 / 2 / 2, -2.0 / 2 / 2, 1.0 / 2, 0.0])
+
+
+@pytest.mark.parametrize("rewards,expected", [
+    ([1.0, 0.0, 0.5, 0.5], None),            # hand formula below
+    ([0.3, 0.3, 0.3, 0.3], [0, 0, 0, 0]),    # all alike: no signal
+])
+def test_group_advantages(rewards, expected):
+    adv = grpo.group_advantages(torch.tensor(rewards), group_size=2).tolist()
+    if expected is None:
+        std = math.sqrt(((1 - 0.5) ** 2 + (0 - 0.5) ** 2) / 1)  # unbiased, n - 1 = 1
+        expected = [0.5 / (std + grpo.ADV_EPS), -0.5 / (std + grpo.ADV_EPS), 0.0, 0.0]
+    assert adv == pytest.approx(expected, abs=1e-6)
+
+
+def test_completion_mask_keeps_the_stop_token_and_drops_the_padding():
+    rows = torch.tensor([[5, 6, 9, 0, 0], [5, 9, 9, 9, 9], [5, 6, 7, 8, 4]])
+    assert grpo.completion_mask(rows, {9}).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+
+
+@pytest.mark.parametrize("name,answer,value", [
+    ("iou", "<ref>the red square</ref><box>(0,0),(500,500)</box>", 1.0),
+    ("iou", "<ref>the red square</ref><box>(0,0),(500,999)</box>", 2500 / 4995),  # 50 x 99.9 px
+    ("acc@0.5", "<ref>the red square</ref><box>(0,0),(500,999)</box>", 1.0),
+    ("acc@0.5", "<ref>the red square</ref><box>(0,0),(400,999)</box>", 0.0),
+    ("format", "<box>(0,0),(400,999)</box>", 1.0),
+    ("format", "<box>(400,0),(0,999)</box>", 0.0),   # inverted: not a usable box
+    ("format", "nothing", 0.0),
+])
+def test_builtin_rewards(name, answer, value):
+    from workbench.eval.grounding import Query
+    from workbench.train.rewards import resolve_reward
+
+    query = Query(image="x.png", file=Path("x.png"), phrase="the red square", gt=[(0, 0, 50, 50)])
+    assert resolve_reward(name)(answer, query, (100, 100)) == pytest.approx(value)
+
+
+# ---- config --------------------------------------------------------------------------------------
+
+
+def config_file(folder: Path, model: Path, data: Path, recipe: str = "lora", grpo_section: dict | None = None,
+                method: str = "grpo", **train: object) -> Path:
+    from tests.train.conftest import write_recipe
+
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {"output_dir": str(folder / "run"), "lr": 1e-3, "schedule": "constant", "warmup_ratio": 0.0,
+                "weight_decay": 0.0, "max_steps": 2, "batch_size": 2, "gradient_accumulation_steps": 1,
+                "gradient_checkpointing": False, "save_steps": 2, "logging_steps": 1, "seed": 3,
+                "report_to": "none", **train}
+    section = None if grpo_section is None and method == "sft" else {"num_generations": 2, "max_new_tokens": 6, "beta": 0.04, "iterations": 2,
+               "rewards": {"iou": 1.0, "format": 0.1}, **(grpo_section or {})}
+    grpo_keys = {"method": method, **({"grpo": section} if section is not None else {})}
+    config = {"model": str(model), "dtype": "float32", "adapter": str(write_recipe(folder, recipe)),
+              **grpo_keys,
+              "data": {"train": str(data), "max_length": 384, "num_workers": 0}, "train": settings}
+    path = folder / "run.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    from workbench.demo.synthetic import make_shapes_dataset
+
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), 4, shapes_per_image=(1, 1), seed=5)
+
+
+@pytest.mark.parametrize("section,key,words", [
+    ({"rewards": {"iuo": 1.0}}, "grpo.rewards.iuo", "unknown reward"),
+    ({"rewards": {"nosuchmodule_x:fn": 1.0}}, "grpo.rewards.nosuchmodule_x:fn", "cannot load"),
+    ({"rewards": {"iou": "high"}}, "grpo.rewards.iou", "finite number"),
+    ({"rewards": {}}, "grpo.rewards", "at least one"),
+    ({"num_generations": 1}, "grpo.num_generations", ">= 2"),
+    ({"epsilon": 1.5}, "grpo.epsilon", "< 1"),
+    ({"temprature": 1.0}, "grpo.temprature", "did you mean 'temperature'"),
+])
+def test_config_errors_name_the_yaml_key(tmp_path, tiny_model, shapes, section, key, words):
+    path = config_file(tmp_path, tiny_model, shapes, grpo_section=section)
+    with pytest.raises(ConfigError) as err:
+        load_run_config(path)
+    assert f"{path}: {key}:" in str(err.value) and words in str(err.value)
+
+
+def test_grpo_section_needs_method_grpo_and_entry_points_load(tmp_path, tiny_model, shapes):
+    with pytest.raises(ConfigError, match="grpo: given, but method is 'sft'"):
+        load_run_config(config_file(tmp_path, tiny_model, shapes, method="sft", grpo_section={}))
+    config = load_run_config(config_file(tmp_path, tiny_model, shapes,
+                                         grpo_section={"rewards": {"workbench.train.rewards:iou_reward": 2.0}}))
+    assert config.method == "grpo" and config.grpo.rewards == {"workbench.train.rewards:iou_reward": 2.0}
+    assert config.to_dict()["method"] == "grpo" and config.to_dict()["grpo"]["num_generations"] == 2
+
+
+# ---- short runs on the tiny model ----------------------------------------------------------------
+
+
+def run_grpo(path: Path, resume: bool = False):
+    from workbench.train.trainer import train
+
+    return train(load_run_config(path), resume=resume)
+
+
+def test_grpo_steps_log_metrics_and_resume(tmp_path, tiny_model, shapes):
+    path = config_file(tmp_path, tiny_model, shapes, max_steps=2, save_steps=2)
+    result = run_grpo(path)
+    assert result.status == "completed" and result.global_step == 2
+    logged = [m for m in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2]
+    for m in logged:
+        assert {"reward", "reward_std", "kl", "clip_fraction", "completion_length", "reward_iou"} <= set(m)
+        assert 0 <= m["clip_fraction"] <= 1 and m["kl"] >= 0 and 1 <= m["completion_length"] <= 6
+    assert (result.output_dir / "loss_curve.png").exists() and (result.output_dir / "checkpoint-2").is_dir()
+    # resume: two more steps on the same run folder
+    path = config_file(tmp_path, tiny_model, shapes, max_steps=4, save_steps=2, allow_schedule_change_on_resume=True)
+    resumed = run_grpo(path, resume=True)
+    assert resumed.status == "completed" and resumed.global_step == 4
+    steps = [m["step"] for m in read_metrics(resumed.output_dir / "metrics.jsonl") if "loss" in m]
+    assert steps == [1, 2, 3, 4]
+    run = json.loads((resumed.output_dir / "workbench_run.json").read_text())
+    assert run["config"]["method"] == "grpo" and len(run["sessions"]) == 2
+    # a GRPO run folder is not resumed as SFT
+    sft = config_file(tmp_path, tiny_model, shapes, method="sft", grpo_section=None, max_steps=6)
+    with pytest.raises(WorkbenchError, match="was 'grpo'"):
+        run_grpo(sft, resume=True)
+
+
+def length_reward(answer: str, query, size) -> float:
+    """A reward the random tiny model's answers differ in (IoU is 0 for all of them): its length."""
+    return len(answer) / 10
+
+
+def test_qlora_step_trains_the_lora_weights_after_rollouts(tmp_path, tiny_model, shapes):
+    pytest.importorskip("bitsandbytes")
+    path = config_file(tmp_path, tiny_model, shapes, recipe="qlora", max_steps=2, save_steps=10,
+                       grpo_section={"rewards": {"tests.train.test_grpo:length_reward": 1.0}})
+    config = load_run_config(path)
+    from workbench.train.trainer import train
+
+    result = train(config)
+    assert result.status == "completed"
+    quantised = [m for m in result.model.modules() if type(m).__name__ == "Linear4bit"]
+    assert quantised
+    lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
+    # LoRA B starts at zero: a step that moved it had gradients through the 4-bit layers
+    assert any(p.abs().sum() > 0 for p in lora_b)
+
+
+# ---- a shortened GRPO on the demo's data ---------------------------------------------------------
+
+SFT_STEPS, GRPO_STEPS = 200, 12
+
+
+@pytest.mark.slow
+def test_grpo_after_a_short_sft_raises_the_mean_reward(tmp_path):
+    """The demo's pipeline in small: SFT until the model writes boxes, then GRPO from its adapter."""
+    from workbench.demo.runner import DEMO_CONFIG, GRPO_CONFIG, make_demo_base_model
+    from workbench.demo.synthetic import make_shapes_dataset
+    from workbench.train.trainer import train
+
+    data = make_shapes_dataset(tmp_path / "data", 200, shapes_per_image=(1, 1), seed=1)
+    base = make_demo_base_model(tmp_path / "base", seed=0)
+    sft = train(load_run_config(DEMO_CONFIG, [f"model={base}", f"data.train={data}", f"train.max_steps={SFT_STEPS}",
+                                              f"train.output_dir={tmp_path / 'sft'}"]))
+    assert sft.status == "completed"
+    result = train(load_run_config(GRPO_CONFIG, [
+        f"model={base}", f"data.train={data}", f"grpo.init_from={sft.output_dir}", f"train.max_steps={GRPO_STEPS}",
+        f"train.output_dir={tmp_path / 'grpo'}", "train.logging_steps=1", "train.lr=3e-3", "train.batch_size=8", "grpo.iterations=1",
+        "grpo.rewards={iou: 1.0, format: 0.5}"]))
+    assert result.status == "completed"
+    rewards = [m["reward"] for m in read_metrics(result.output_dir / "metrics.jsonl") if "reward" in m]
+    third = len(rewards) // 3
+    first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
+    print(f"mean reward {first:.3f} (first {third} steps) -> {last:.3f} (last {third})")
+    assert last > first, rewards

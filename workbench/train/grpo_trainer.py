@@ -1,0 +1,201 @@
+"""`method: grpo`: GRPO on grounding queries, on the same Trainer as SFT (workbench/train/trainer.py).
+
+The Trainer still owns the loop, the optimizer and schedule, checkpoints, resume, trackers, the run
+folder and the evaluation inside training (greedy Acc@0.5); only what one step computes changes.
+A micro-batch is a list of grounding queries (the data files' `<ref>` + box turns, as
+`workbench eval grounding` reads them). Its step:
+
+1. rollout (no grad, eval mode): each prompt (prompt/ make_context through eval/grounding.py's
+   `prompt_ids`, the image as pixel_values) repeated G times, left-padded, sampled in one batched
+   `generate` with the KV cache; answers end at the first ChatML stop token.
+2. rewards (rewards.py, on parse.py's boxes) -> group-normalised advantages (grpo.py).
+3. log-probabilities of the answers' tokens: the policy (with grad), the reference (the same model
+   under `disable_adapter()`: the base, no second copy) and, with `grpo.iterations` > 1, the
+   sampling policy's, kept with the rollout, which is reused for that many optimizer steps.
+4. grpo.policy_loss. Reward mean/std, KL, clip fraction and completion length are logged with the
+   loss (trackers, metrics.jsonl, loss_curve.png).
+
+QLoRA: rollouts run the 4-bit model in eval mode without grad, the pattern that on a CPU with
+AVX512-BF16 makes bitsandbytes repack Linear4bit weights for an inference kernel without a
+backward; adapters/quantize.py turns that path off for every layer it quantises, and this trainer
+only ever uses the model apply_recipe built.
+
+Why not TRL's GRPOTrainer: docs/grpo.md.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.errors import ConfigError
+from workbench.train import grpo
+from workbench.train.rewards import weighted_rewards
+from workbench.train.trainer import WorkbenchTrainer
+
+# logged once per logging step (the mean over the micro-batches since the last log)
+LOGGED = ("reward", "reward_std", "kl", "clip_fraction", "completion_length")
+
+
+def load_grpo_queries(config: Any) -> list:
+    """The training queries: every `<ref>` an assistant turn answers with boxes in data.train."""
+    from workbench.eval.grounding import load_queries
+
+    return [q for f in config.data.train
+            for q in load_queries(f, config.data.image_root, config.data.allow_outside_root)]
+
+
+def collate_queries(batch: list) -> dict[str, list]:
+    """A micro-batch is the queries themselves; the rollout builds the tensors."""
+    return {"queries": list(batch)}
+
+
+def init_from_run(model: torch.nn.Module, folder: str, source: str) -> None:
+    """Load the adapter of an SFT run folder into the freshly built PeftModel (same recipe)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from workbench.adapters.apply import WEIGHTS_FILE
+
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        raise ConfigError(f"{source}: grpo.init_from: {folder} holds no {WEIGHTS_FILE} (an SFT run folder)")
+    state = load_file(path)
+    result = set_peft_model_state_dict(model, state)
+    # fully trained parameters (`train:` in the recipe) are stored under their plain names
+    plain = {k: v for k, v in state.items() if ".lora_" not in k}
+    own = dict(model.named_parameters())
+    unknown = [k for k in result.unexpected_keys if k not in plain or k not in own]
+    with torch.no_grad():
+        for k, v in plain.items():
+            if k in own:
+                own[k].copy_(v)
+    if unknown:
+        raise ConfigError(f"{source}: grpo.init_from: {folder}'s adapter does not fit this run's recipe "
+                          f"(e.g. {unknown[0]}); use the recipe the SFT run used")
+
+
+@dataclass
+class Rollout:
+    input_ids: torch.Tensor       # [N, P + T] prompt (left-padded) + sampled answer
+    attention_mask: torch.Tensor  # [N, P + T]
+    pixel_values: torch.Tensor    # [N, 3, S, S]
+    prompt_len: int               # P
+    mask: torch.Tensor            # [N, T] the answers' own tokens
+    advantages: torch.Tensor      # [N]
+    old_logp: torch.Tensor | None  # [N, T] under the sampling policy (iterations > 1)
+    ref_logp: torch.Tensor        # [N, T] under the base (adapters disabled)
+    stats: dict[str, float]
+
+
+class GRPOTrainer(WorkbenchTrainer):
+    """WorkbenchTrainer whose step is a GRPO step on a rollout (see the module docstring)."""
+
+    def __init__(self, *args: Any, tokenizer: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.spec = self.run_config.grpo
+        self.tokenizer = tokenizer
+        self.model_accepts_loss_kwargs = False  # the loss is a mean over answers, not label tokens
+        if self.accelerator.num_processes > 1:
+            raise ConfigError(f"{self.run_config.source}: method: grpo runs in one process (no DDP/FSDP yet)")
+        self._rollouts: dict[int, Rollout] = {}
+        self._micro = 0
+        self._stats: dict[str, list[float]] = defaultdict(list)
+        self._shuffle_rng = random.Random(self.run_config.train.seed)
+
+    # ---- the step --------------------------------------------------------------------------------
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None):
+        slot = self._micro % self.args.gradient_accumulation_steps
+        self._micro += 1
+        rollout = self._rollouts.get(slot)
+        if rollout is None or self.state.global_step % self.spec.iterations == 0:
+            rollout = self._rollouts[slot] = self.rollout(model, inputs["queries"])
+        logp = self.answer_logprobs(model, rollout)
+        old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
+        parts = grpo.policy_loss(logp, old, rollout.advantages, rollout.mask, epsilon=self.spec.epsilon,
+                                 beta=self.spec.beta, ref_logp=rollout.ref_logp)
+        for key, value in {**rollout.stats, "kl": parts.kl.item(), "clip_fraction": parts.clip_fraction.item()}.items():
+            self._stats[key].append(value)
+        return (parts.loss, None) if return_outputs else parts.loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._stats:  # a training log: add the GRPO metrics since the last one
+            logs = {**logs, **{k: sum(v) / len(v) for k, v in self._stats.items()}}
+            self._stats.clear()
+        super().log(logs, start_time)
+
+    # ---- rollout ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def rollout(self, model: torch.nn.Module, queries: list) -> Rollout:
+        from workbench.eval.grounding import prompt_ids
+        from workbench.model.image_processing import load_image, preprocess
+        from workbench.prompt import get_stop_words_ids
+
+        spec, tok, G = self.spec, self.tokenizer, self.spec.num_generations
+        images = [load_image(q.file) for q in queries]
+        shown = list(images)
+        if spec.shuffle_images and len(shown) > 1:  # a derangement: no prompt keeps its own image
+            shift = self._shuffle_rng.randrange(1, len(shown))
+            shown = shown[shift:] + shown[:shift]
+        prompts = [prompt_ids(tok, q.image, q.phrase, spec.prompt) for q in queries]
+        width = max(len(p) for p in prompts)
+        device = self.args.device
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts for _ in range(G)], device=device)
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(G)], device=device)
+        base = self.accelerator.unwrap_model(model)
+        size = base.get_base_model().transformer.visual.image_size
+        pixels = torch.stack([preprocess(im, size) for im in shown]).repeat_interleave(G, 0).to(device)
+
+        was_training = model.training
+        model.eval()
+        try:
+            out = base.generate(input_ids=ids, attention_mask=attn, pixel_values=pixels, do_sample=True,
+                                temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+                                max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eod_id,
+                                pad_token_id=tok.pad_token_id, stop_words_ids=get_stop_words_ids(tok), use_cache=True,
+                                # a sampled <img> would open an image span the log-prob forward refuses
+                                suppress_tokens=[tok.img_start_id, tok.img_end_id, tok.img_pad_id])
+        finally:
+            model.train(was_training)
+        completions = out[:, width:]
+        stops = {tok.eod_id, tok.im_end_id, tok.im_start_id}
+        mask = grpo.completion_mask(completions, stops)
+        answers = [tok.decode([t for t in row[: int(m.sum())] if t not in stops], skip_special_tokens=True,
+                              keep_image_special=True).strip() for row, m in zip(completions.tolist(), mask)]
+        rep = [q for q in queries for _ in range(G)]
+        sizes = [im.size for im in images for _ in range(G)]
+        rewards, parts = weighted_rewards(spec.rewards, answers, rep, sizes)
+        r = torch.tensor(rewards, dtype=torch.float32, device=device)
+        rollout = Rollout(input_ids=out, attention_mask=torch.cat([attn, torch.ones_like(completions)], 1),
+                          pixel_values=pixels, prompt_len=width, mask=mask,
+                          advantages=grpo.group_advantages(r, G), old_logp=None, ref_logp=None,
+                          stats={"reward": r.mean().item(), "reward_std": r.view(-1, G).std(1).mean().item(),
+                                 "completion_length": mask.sum(1).float().mean().item(),
+                                 **{f"reward_{k}": sum(v) / len(v) for k, v in parts.items()}})
+        model.eval()  # dropout off for the fixed log-probabilities
+        try:
+            with base.disable_adapter():
+                rollout.ref_logp = self.answer_logprobs(model, rollout)
+            if spec.iterations > 1:
+                rollout.old_logp = self.answer_logprobs(model, rollout)
+        finally:
+            model.train(was_training)
+        return rollout
+
+    def answer_logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+        """log p of each answer token [N, T]. The LM head runs on the answer positions only (never
+        the prompt's 256 image slots x the vocabulary)."""
+        lm = self.accelerator.unwrap_model(model).get_base_model()
+        hidden = lm.transformer(rollout.input_ids, attention_mask=rollout.attention_mask,
+                                pixel_values=rollout.pixel_values).last_hidden_state
+        P = rollout.prompt_len
+        logits = lm.lm_head(hidden[:, P - 1:-1])
+        return grpo.token_logprobs(logits, rollout.input_ids[:, P:], self.spec.temperature)
