@@ -4,7 +4,8 @@ The recipe is applied for real (PEFT on a meta-device model built from config.js
 counts are PEFT's, not a re-derivation. Quantisation is not run on the meta device; its bytes
 come from `quantize.quantized_bytes` over the modules it would replace.
 
-GPU memory estimate (activations excluded, they depend on batch and sequence length):
+GPU memory estimate (activations only with a StepShape: they depend on batch and sequence length,
+see activations.py):
   weights   = sum over frozen base tensors of numel * bytes(dtype)   [the run's dtype, bf16 by default]
               with the quantised linears at quantized_bytes instead   [4-bit column]
   trainable = sum over trainable tensors of numel * 4 * bytes(param dtype)
@@ -30,7 +31,7 @@ from workbench.dtypes import TORCH_DTYPES
 from workbench.model.checkpoint import resolve_config_dir
 
 MEMORY_FORMULA = ("weights: frozen numel x dtype bytes (4-bit: numel/2 + absmax per 64-block); "
-                  "trainable: numel x 4 x param bytes (weight + grad + AdamW m, v); activations excluded")
+                  "trainable: numel x 4 x param bytes (weight + grad + AdamW m, v); activations with --seq-len")
 
 
 def format_layers(layers: list[int]) -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from workbench.model.checkpoint import BIN_INDEX, RELEASES_DIR, shard_files
+from workbench.model.checkpoint import BIN_INDEX, RELEASES_DIR, read_through, shard_files
 
 RELEASE = RELEASES_DIR / "Qwen--Qwen-VL-Chat"
 LORA_TARGETS = ["c_attn", "attn.c_proj", "w1", "w2"]
@@ -115,12 +115,9 @@ def timed_read(folder: Path) -> float:
     """Seconds to read the weight files once, cold."""
     files = weight_files(folder)
     evict(files)
-    buf = bytearray(16 << 20)
     start = time.perf_counter()
     for path in files:
-        with path.open("rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
+        read_through(path)
     return time.perf_counter() - start
 
 

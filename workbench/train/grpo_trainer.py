@@ -50,9 +50,19 @@ def load_grpo_queries(config: Any) -> list:
             for q in load_queries(f, config.data.image_root, config.data.allow_outside_root)]
 
 
-def collate_queries(batch: list) -> dict[str, list]:
-    """A micro-batch is the queries themselves; the rollout builds the tensors."""
-    return {"queries": list(batch)}
+@dataclass(frozen=True)
+class QueryCollator:
+    """A micro-batch of queries with their images opened and preprocessed here, in the DataLoader's
+    workers (as SFT's collator does), so the training step never reads a file."""
+
+    image_size: int
+
+    def __call__(self, batch: list) -> dict[str, Any]:
+        from workbench.model.image_processing import load_image, preprocess
+
+        images = [load_image(q.file) for q in batch]
+        return {"queries": list(batch), "pixel_values": torch.stack([preprocess(im, self.image_size) for im in images]),
+                "sizes": [im.size for im in images]}
 
 
 def init_from_run(model: torch.nn.Module, folder: str, source: str) -> None:
@@ -116,7 +126,8 @@ class GRPOTrainer(WorkbenchTrainer):
         self._micro += 1
         rollout = self._rollouts.get(slot)
         if rollout is None or self.state.global_step % self.spec.iterations == 0:
-            rollout = self._rollouts[slot] = self.rollout(model, inputs["queries"])
+            rollout = self._rollouts[slot] = self.rollout(model, inputs["queries"], inputs["pixel_values"],
+                                                          inputs["sizes"])
         logp = self.answer_logprobs(model, rollout)
         old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
         parts = grpo.policy_loss(logp, old, rollout.advantages, rollout.mask, epsilon=self.spec.epsilon,
@@ -134,25 +145,22 @@ class GRPOTrainer(WorkbenchTrainer):
     # ---- rollout ---------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def rollout(self, model: torch.nn.Module, queries: list) -> Rollout:
+    def rollout(self, model: torch.nn.Module, queries: list, pixel_values: torch.Tensor,
+                sizes: list[tuple[int, int]]) -> Rollout:
         from workbench.eval.grounding import prompt_ids
-        from workbench.model.image_processing import load_image, preprocess
         from workbench.prompt import get_stop_words_ids
 
         spec, tok, G = self.spec, self.tokenizer, self.spec.num_generations
-        images = [load_image(q.file) for q in queries]
-        shown = list(images)
-        if spec.shuffle_images and len(shown) > 1:  # a derangement: no prompt keeps its own image
-            shift = self._shuffle_rng.randrange(1, len(shown))
-            shown = shown[shift:] + shown[:shift]
+        if spec.shuffle_images and len(queries) > 1:  # a derangement: no prompt keeps its own image
+            shift = self._shuffle_rng.randrange(1, len(queries))
+            pixel_values = torch.roll(pixel_values, -shift, 0)  # prompt i sees image i + shift
         prompts = [prompt_ids(tok, q.image, q.phrase, spec.prompt) for q in queries]
         width = max(len(p) for p in prompts)
         device = self.args.device
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts for _ in range(G)], device=device)
         attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(G)], device=device)
         base = self.accelerator.unwrap_model(model)
-        size = base.get_base_model().transformer.visual.image_size
-        pixels = torch.stack([preprocess(im, size) for im in shown]).repeat_interleave(G, 0).to(device)
+        pixels = pixel_values.repeat_interleave(G, 0).to(device)
 
         was_training = model.training
         model.eval()
@@ -171,8 +179,7 @@ class GRPOTrainer(WorkbenchTrainer):
         answers = [tok.decode([t for t in row[: int(m.sum())] if t not in stops], skip_special_tokens=True,
                               keep_image_special=True).strip() for row, m in zip(completions.tolist(), mask)]
         rep = [q for q in queries for _ in range(G)]
-        sizes = [im.size for im in images for _ in range(G)]
-        rewards, parts = weighted_rewards(spec.rewards, answers, rep, sizes)
+        rewards, parts = weighted_rewards(spec.rewards, answers, rep, [s for s in sizes for _ in range(G)])
         r = torch.tensor(rewards, dtype=torch.float32, device=device)
         rollout = Rollout(input_ids=out, attention_mask=torch.cat([attn, torch.ones_like(completions)], 1),
                           pixel_values=pixels, prompt_len=width, mask=mask,

@@ -244,12 +244,12 @@ def build_data(config: RunConfig, tokenizer: Any, image_size: int) -> TrainData:
 
     files = find_files([*config.data.train, *config.data.eval])
     if config.method == "grpo":  # prompts and true boxes; the rollout builds the tensors
-        from workbench.train.grpo_trainer import collate_queries, load_grpo_queries
+        from workbench.train.grpo_trainer import QueryCollator, load_grpo_queries
 
         queries = load_grpo_queries(config)
         if PartialState().is_main_process:
             print(f"grpo: {len(queries)} grounding queries in {', '.join(config.data.train)}")
-        return TrainData(train=queries, eval=None, files=files, collator=collate_queries)
+        return TrainData(train=queries, eval=None, files=files, collator=QueryCollator(image_size))
     data = load_sft_data(config.data, tokenizer, image_size=image_size)
     if PartialState().is_main_process:
         print(data.report.summary())
