@@ -103,6 +103,74 @@ def test_builtin_rewards(name, answer, value):
     assert resolve_reward(name)(answer, query, (100, 100)) == pytest.approx(value)
 
 
+# ---- log-probabilities with the prompt run once per group ---------------------------------------
+
+
+def shared_prompt_rollout(model, G: int = 3, T: int = 5):
+    """Two left-padded prompts with an image each (different lengths) and G random answers each."""
+    from workbench.train.grpo_trainer import Rollout
+
+    start = model.config.visual["image_start_id"]
+    gen = torch.Generator().manual_seed(0)
+    image = [start, *[start + 2] * 256, start + 1]
+    prompts = [[5, 6, *image, 7, 8, 9], [11, *image, 12]]
+    P, B = max(map(len, prompts)), len(prompts)
+    ids = torch.tensor([[0] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    size = model.config.visual["image_size"]
+    return Rollout(prompt_ids=ids, prompt_mask=mask, pixel_values=torch.randn(B, 3, size, size, generator=gen),
+                   completions=torch.randint(20, 400, (B * G, T), generator=gen), mask=torch.ones(B * G, T),
+                   advantages=torch.zeros(B * G), old_logp=None, ref_logp=None, stats={})
+
+
+def full_logprobs(model, r, G: int):
+    """The plain way: every answer's row holds its whole prompt and image."""
+    ids = torch.cat([r.prompt_ids.repeat_interleave(G, 0), r.completions], 1)
+    mask = torch.cat([r.prompt_mask.repeat_interleave(G, 0), torch.ones_like(r.completions)], 1)
+    logits = model(ids, attention_mask=mask, pixel_values=r.pixel_values.repeat_interleave(G, 0)).logits
+    return grpo.token_logprobs(logits[:, r.prompt_ids.shape[1] - 1:-1], r.completions, 0.7)
+
+
+def test_generate_groups_equals_generate_on_repeated_prompts(tiny_ref_dir):
+    from workbench.model.checkpoint import load_model
+    from workbench.train.grpo_trainer import generate_groups
+
+    model = load_model(tiny_ref_dir, dtype=torch.float32).eval()
+    r, G = shared_prompt_rollout(model), 3
+    greedy = {"do_sample": False, "max_new_tokens": 8, "eos_token_id": 9999, "pad_token_id": 0}
+    plain = model.generate(input_ids=r.prompt_ids.repeat_interleave(G, 0),
+                           attention_mask=r.prompt_mask.repeat_interleave(G, 0),
+                           pixel_values=r.pixel_values.repeat_interleave(G, 0), **greedy)
+    shared = generate_groups(model, r.prompt_ids, r.prompt_mask, r.pixel_values, G, **greedy)
+    assert shared.shape == (6, r.prompt_ids.shape[1] + 8) and torch.equal(shared, plain)
+    assert not torch.equal(shared[0], shared[3])  # the two prompts' answers differ: rows are not mixed up
+
+
+@pytest.mark.parametrize("mode", ["eval", "train", "train+checkpointing"])
+def test_shared_prompt_logprobs_and_grads_equal_the_full_forward(tiny_ref_dir, mode):
+    from workbench.model.checkpoint import load_model
+    from workbench.train.grpo_trainer import answer_logprobs
+
+    model = load_model(tiny_ref_dir, dtype=torch.float32)
+    model.train(mode != "eval")
+    if "checkpointing" in mode:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    r, G = shared_prompt_rollout(model), 3
+    weights = torch.randn(r.completions.shape, generator=torch.Generator().manual_seed(1))
+    grads = []
+    for fn in (lambda: full_logprobs(model, r, G), lambda: answer_logprobs(model, r, G, 0.7)):
+        model.zero_grad(set_to_none=True)
+        logp = fn()
+        (logp * weights).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        grads[-1]["logp"] = logp.detach()
+    full, shared = grads
+    torch.testing.assert_close(shared["logp"], full["logp"], atol=1e-5, rtol=1e-5)
+    assert set(shared) == set(full) and any("visual" in n for n in full)  # the ViT and the LLM get grads
+    for name in full:
+        torch.testing.assert_close(shared[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 # ---- config --------------------------------------------------------------------------------------
 
 

@@ -7,7 +7,9 @@ Differences from the release that change no golden output (docs/qwen-vl.md, "wor
   module's output computed beforehand, `image_features` [K,256,D] (the frozen-ViT cache);
 * `segment_ids` (packing) give causal attention inside each segment (no mask is built) and
   per-segment RoPE positions;
-* `loss_chunk_size` computes the loss chunk by chunk from the hidden states.
+* `loss_chunk_size` computes the loss chunk by chunk from the hidden states;
+* `prompt_kv` (qwen.PromptKV) records a batch of prompts' keys and values, or continues rows
+  from them: the prompts run once for G answers each (GRPO).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from workbench.model.config import QWenConfig
 from workbench.model.image_processing import load_image, preprocess
-from workbench.model.qwen import QWenBlock, RMSNorm, Segments, logn_factors, ntk_alpha, rotary_table
+from workbench.model.qwen import PromptKV, QWenBlock, RMSNorm, Segments, logn_factors, ntk_alpha, rotary_table
 from workbench.model.vision import VisionTransformer
 
 IGNORE_INDEX = -100
@@ -195,26 +197,34 @@ class QWenModel(QWenPreTrainedModel):
                 pixel_values: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool = False,
                 segment_ids: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                **ignored) -> BaseModelOutputWithPast:
+                prompt_kv: PromptKV | None = None, **ignored) -> BaseModelOutputWithPast:
         cfg = self.config
         batch, seq_len = input_ids.shape
+        if prompt_kv is not None:
+            if past_key_values is not None or use_cache or segment_ids is not None:
+                raise ValueError("prompt_kv cannot be combined with a KV cache or segment_ids")
+            use_cache = False
         if use_cache is None:
             use_cache = cfg.use_cache and not self.training
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=cfg)
         past_len = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if prompt_kv is not None:
+            past_len = prompt_kv.length
         if segment_ids is not None and past_len:
             raise ValueError("segment_ids (packing) cannot be combined with a KV cache")
 
-        # NTK alpha: training 1; an eval prefill from its own length; decoding from its prefill.
+        # NTK alpha: training 1; an eval prefill from its own length; decoding (and answers after a
+        # PromptKV) from its prefill.
         if past_len:
-            alpha = getattr(past_key_values, "ntk_alpha", 1)
+            alpha = getattr(past_key_values if prompt_kv is None else prompt_kv, "ntk_alpha", 1)
         elif cfg.use_dynamic_ntk and not self.training:
             alpha = ntk_alpha(seq_len, cfg.seq_length)
         else:
             alpha = 1
-        if past_key_values is not None:
-            past_key_values.ntk_alpha = alpha
+        for carrier in (past_key_values, prompt_kv):
+            if carrier is not None:
+                carrier.ntk_alpha = alpha
         logn = None
         if cfg.use_logn_attn and not self.training and past_len + seq_len > cfg.seq_length:
             logn = logn_factors(past_len, seq_len, cfg.seq_length, input_ids.device)
@@ -232,7 +242,8 @@ class QWenModel(QWenPreTrainedModel):
         for block in self.h:
             if output_hidden_states:
                 all_hidden.append(hidden)
-            hidden = block(hidden, rotary=rotary, attention_mask=mask, logn=logn, past_key_values=past_key_values)
+            hidden = block(hidden, rotary=rotary, attention_mask=mask, logn=logn, past_key_values=past_key_values,
+                           prompt_kv=prompt_kv)
         hidden = self.ln_f(hidden)
         if output_hidden_states:
             all_hidden.append(hidden)

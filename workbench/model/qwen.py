@@ -8,6 +8,10 @@ divides by a 0-d tensor of the model dtype, which is 11.3125 rather than 11.3137
 Packed batches (`segment_ids`) never build a mask: `Segments` holds each row's runs of equal
 segment id, and `segment_attention` runs plain causal attention per run (runs of one length are
 stacked into one SDPA call), so no [L, L] tensor of the row length L is ever made.
+
+`PromptKV` lets many rows continue one prompt (GRPO's G answers per prompt) with the prompt run
+once: its forward records each layer's keys and values, `expand(G)` repeats them, and the
+answers' forward reads them in front of its own.
 """
 
 from __future__ import annotations
@@ -151,6 +155,40 @@ def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: S
                                   dropout_p=dropout_p, softmax_scale=scale, causal=True)
 
 
+class PromptKV:
+    """Post-RoPE keys and values of a batch of prompts, per layer.
+
+    Unlike a KV `Cache` it is never appended to: a recording one is filled by the prompts' forward
+    (a gradient-checkpointing replay overwrites an entry with the same tensors), and `expand(G)`
+    returns a reading one that the answers' forward puts in front of its own keys. So both forwards
+    keep their autograd graphs and run under checkpointing, where a Cache is dropped (a replay would
+    append twice). Rows: prompt b's copies are rows b*G .. b*G+G-1, as `repeat_interleave`.
+    """
+
+    def __init__(self, kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None, ntk_alpha: float = 1.0):
+        self.reading = kv is not None
+        self.kv = kv if kv is not None else {}
+        self.ntk_alpha = ntk_alpha  # the prompts' NTK alpha, which the answers continue with (as decoding)
+
+    @property
+    def length(self) -> int:
+        """How many positions the answers' forward finds in front of it (0 while recording)."""
+        return next(iter(self.kv.values()))[0].shape[2] if self.reading else 0
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.reading:
+            self.kv[layer] = (k, v)
+            return k, v
+        pk, pv = self.kv[layer]
+        return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+    def expand(self, repeats: int) -> PromptKV:
+        if self.reading or not self.kv:
+            raise ValueError("expand() needs the keys and values a prompts' forward recorded")
+        return PromptKV({layer: (k.repeat_interleave(repeats, 0), v.repeat_interleave(repeats, 0))
+                         for layer, (k, v) in self.kv.items()}, self.ntk_alpha)
+
+
 class QWenAttention(nn.Module):
     def __init__(self, config: QWenConfig, layer_idx: int):
         super().__init__()
@@ -163,7 +201,7 @@ class QWenAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | Segments | None, logn: torch.Tensor | None,
-                past_key_values: Cache | None) -> torch.Tensor:
+                past_key_values: Cache | None, prompt_kv: PromptKV | None = None) -> torch.Tensor:
         b, s, _ = x.shape
         q, k, v = self.c_attn(x).split(self.projection_size, dim=2)
         q, k, v = (t.view(b, s, self.num_heads, self.head_dim) for t in (q, k, v))
@@ -174,6 +212,8 @@ class QWenAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, d]
         if past_key_values is not None:  # the cache holds post-RoPE keys
             k, v = past_key_values.update(k, v, self.layer_idx)
+        if prompt_kv is not None:
+            k, v = prompt_kv(self.layer_idx, k, v)
         scale = 1.0 / torch.tensor(math.sqrt(self.head_dim), dtype=q.dtype).item()
         dropout_p = self.attn_dropout if self.training else 0.0
         if isinstance(attention_mask, Segments):  # packed: causal attention inside each segment
@@ -209,6 +249,6 @@ class QWenBlock(GradientCheckpointingLayer):
 
     def forward(self, x: torch.Tensor, *, rotary: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | Segments | None, logn: torch.Tensor | None = None,
-                past_key_values: Cache | None = None) -> torch.Tensor:
-        h = x + self.attn(self.ln_1(x), rotary, attention_mask, logn, past_key_values)
+                past_key_values: Cache | None = None, prompt_kv: PromptKV | None = None) -> torch.Tensor:
+        h = x + self.attn(self.ln_1(x), rotary, attention_mask, logn, past_key_values, prompt_kv)
         return h + self.mlp(self.ln_2(h))

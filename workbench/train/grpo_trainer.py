@@ -6,10 +6,12 @@ A micro-batch is a list of grounding queries (the data files' `<ref>` + box turn
 `workbench eval grounding` reads them). Its step:
 
 1. rollout (no grad, eval mode): each prompt (prompt/ make_context through eval/grounding.py's
-   `prompt_ids`, the image as pixel_values) repeated G times, left-padded, sampled in one batched
-   `generate` with the KV cache; answers end at the first ChatML stop token.
+   `prompt_ids`, the image as pixel_values), left-padded, runs once into a KV cache that is
+   repeated G times; one batched `generate` samples all answers from it (generate_groups); answers
+   end at the first ChatML stop token.
 2. rewards (rewards.py, on parse.py's boxes) -> group-normalised advantages (grpo.py).
-3. log-probabilities of the answers' tokens: the policy (with grad), the reference (the same model
+3. log-probabilities of the answers' tokens (the prompts run once, their keys and values shared by
+   the G answers: qwen.PromptKV): the policy (with grad), the reference (the same model
    under `disable_adapter()`: the base, no second copy) and, with `grpo.iterations` > 1, the
    sampling policy's, kept with the rollout, which is reused for that many optimizer steps.
 4. grpo.policy_loss. Reward mean/std, KL, clip fraction and completion length are logged with the
@@ -32,8 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from workbench.errors import ConfigError
+from workbench.model.qwen import PromptKV
 from workbench.train import grpo
 from workbench.train.rewards import weighted_rewards
 from workbench.train.trainer import WorkbenchTrainer
@@ -92,14 +96,16 @@ def init_from_run(model: torch.nn.Module, folder: str, source: str) -> None:
 
 @dataclass
 class Rollout:
-    input_ids: torch.Tensor       # [N, P + T] prompt (left-padded) + sampled answer
-    attention_mask: torch.Tensor  # [N, P + T]
-    pixel_values: torch.Tensor    # [N, 3, S, S]
-    prompt_len: int               # P
+    """B prompts with G sampled answers each: N = B*G rows, prompt b's answers at rows b*G .. b*G+G-1."""
+
+    prompt_ids: torch.Tensor      # [B, P] left-padded
+    prompt_mask: torch.Tensor     # [B, P]
+    pixel_values: torch.Tensor    # [B, 3, S, S] one image per prompt
+    completions: torch.Tensor     # [N, T] sampled answers (generate pads finished rows)
     mask: torch.Tensor            # [N, T] the answers' own tokens
     advantages: torch.Tensor      # [N]
     old_logp: torch.Tensor | None  # [N, T] under the sampling policy (iterations > 1)
-    ref_logp: torch.Tensor        # [N, T] under the base (adapters disabled)
+    ref_logp: torch.Tensor | None  # [N, T] under the base (adapters disabled)
     stats: dict[str, float]
 
 
@@ -157,20 +163,20 @@ class GRPOTrainer(WorkbenchTrainer):
         prompts = [prompt_ids(tok, q.image, q.phrase, spec.prompt) for q in queries]
         width = max(len(p) for p in prompts)
         device = self.args.device
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts for _ in range(G)], device=device)
-        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts for _ in range(G)], device=device)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+        attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         base = self.accelerator.unwrap_model(model)
-        pixels = pixel_values.repeat_interleave(G, 0).to(device)
+        pixels = pixel_values.to(device)
 
         was_training = model.training
         model.eval()
         try:
-            out = base.generate(input_ids=ids, attention_mask=attn, pixel_values=pixels, do_sample=True,
-                                temperature=spec.temperature, top_p=spec.top_p, top_k=0,
-                                max_new_tokens=spec.max_new_tokens, eos_token_id=tok.eod_id,
-                                pad_token_id=tok.pad_token_id, stop_words_ids=get_stop_words_ids(tok), use_cache=True,
-                                # a sampled <img> would open an image span the log-prob forward refuses
-                                suppress_tokens=[tok.img_start_id, tok.img_end_id, tok.img_pad_id])
+            out = generate_groups(base, ids, attn, pixels, G, do_sample=True, temperature=spec.temperature,
+                                  top_p=spec.top_p, top_k=0, max_new_tokens=spec.max_new_tokens,
+                                  eos_token_id=tok.eod_id, pad_token_id=tok.pad_token_id,
+                                  stop_words_ids=get_stop_words_ids(tok),
+                                  # a sampled <img> would open an image span the log-prob forward refuses
+                                  suppress_tokens=[tok.img_start_id, tok.img_end_id, tok.img_pad_id])
         finally:
             model.train(was_training)
         completions = out[:, width:]
@@ -181,8 +187,7 @@ class GRPOTrainer(WorkbenchTrainer):
         rep = [q for q in queries for _ in range(G)]
         rewards, parts = weighted_rewards(spec.rewards, answers, rep, [s for s in sizes for _ in range(G)])
         r = torch.tensor(rewards, dtype=torch.float32, device=device)
-        rollout = Rollout(input_ids=out, attention_mask=torch.cat([attn, torch.ones_like(completions)], 1),
-                          pixel_values=pixels, prompt_len=width, mask=mask,
+        rollout = Rollout(prompt_ids=ids, prompt_mask=attn, pixel_values=pixels, completions=completions, mask=mask,
                           advantages=grpo.group_advantages(r, G), old_logp=None, ref_logp=None,
                           stats={"reward": r.mean().item(), "reward_std": r.view(-1, G).std(1).mean().item(),
                                  "completion_length": mask.sum(1).float().mean().item(),
@@ -198,11 +203,37 @@ class GRPOTrainer(WorkbenchTrainer):
         return rollout
 
     def answer_logprobs(self, model: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
-        """log p of each answer token [N, T]. The LM head runs on the answer positions only (never
-        the prompt's 256 image slots x the vocabulary)."""
         lm = self.accelerator.unwrap_model(model).get_base_model()
-        hidden = lm.transformer(rollout.input_ids, attention_mask=rollout.attention_mask,
-                                pixel_values=rollout.pixel_values).last_hidden_state
-        P = rollout.prompt_len
-        logits = lm.lm_head(hidden[:, P - 1:-1])
-        return grpo.token_logprobs(logits, rollout.input_ids[:, P:], self.spec.temperature)
+        return answer_logprobs(lm, rollout, self.spec.num_generations, self.spec.temperature)
+
+
+@torch.no_grad()
+def generate_groups(model: torch.nn.Module, ids: torch.Tensor, attention_mask: torch.Tensor,
+                    pixel_values: torch.Tensor, group_size: int, **generate_kwargs: Any) -> torch.Tensor:
+    """`generate` of G answers per prompt [B*G, P + T], with each prompt (and its image) run once:
+    all but its last token fill a KV cache that is repeated G times, and generate continues from
+    it (HF's documented re-use of a prompt cache). Rows as repeat_interleave."""
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :-1], attention_mask=attention_mask[:, :-1], pixel_values=pixel_values,
+          past_key_values=cache, use_cache=True)
+    cache.batch_repeat_interleave(group_size)
+    return model.generate(input_ids=ids.repeat_interleave(group_size, 0),
+                          attention_mask=attention_mask.repeat_interleave(group_size, 0),
+                          past_key_values=cache, use_cache=True, **generate_kwargs)
+
+
+def answer_logprobs(lm: torch.nn.Module, rollout: Rollout, group_size: int, temperature: float) -> torch.Tensor:
+    """log p of each answer token [N, T] under `lm` (a QWenLMHeadModel). The prompts (and their
+    images) run once, not G times: their keys and values (qwen.PromptKV) are repeated for the
+    answers' forward. The LM head runs on the answer positions only (never the prompt's 256 image
+    slots x the vocabulary)."""
+    answers = rollout.completions
+    prompts = PromptKV()
+    last = lm.transformer(rollout.prompt_ids, attention_mask=rollout.prompt_mask,
+                          pixel_values=rollout.pixel_values, prompt_kv=prompts).last_hidden_state[:, -1:]
+    hidden = last.repeat_interleave(group_size, 0)  # predicts each answer's first token
+    if answers.shape[1] > 1:  # the answers' tokens but the last predict the rest
+        mask = torch.cat([rollout.prompt_mask.repeat_interleave(group_size, 0), torch.ones_like(answers[:, :-1])], 1)
+        rest = lm.transformer(answers[:, :-1], attention_mask=mask, prompt_kv=prompts.expand(group_size))
+        hidden = torch.cat([hidden, rest.last_hidden_state], 1)
+    return grpo.token_logprobs(lm.lm_head(hidden), answers, temperature)
