@@ -171,6 +171,25 @@ def test_shared_prompt_logprobs_and_grads_equal_the_full_forward(tiny_ref_dir, m
         torch.testing.assert_close(shared[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_grpo_turns_off_dropout_so_train_mode_logprobs_equal_the_sampling_policys(tiny_ref_dir):
+    """old_logp is taken in eval mode: the policy's train-mode forward must be the same function."""
+    from peft import LoraConfig, get_peft_model
+
+    from workbench.model.checkpoint import load_model
+    from workbench.train.grpo_trainer import answer_logprobs, turn_off_dropout
+
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["c_attn"], init_lora_weights=False)
+    model = get_peft_model(load_model(tiny_ref_dir, dtype=torch.float32), config)
+    r, lm = shared_prompt_rollout(model.get_base_model()), model.get_base_model()
+    with torch.no_grad():
+        model.eval()
+        sampling = answer_logprobs(lm, r, 3, 1.0)
+        model.train()
+        assert not torch.allclose(answer_logprobs(lm, r, 3, 1.0), sampling, atol=1e-3)  # dropout is on
+        turn_off_dropout(model)
+        torch.testing.assert_close(answer_logprobs(lm, r, 3, 1.0), sampling, atol=1e-6, rtol=1e-6)
+
+
 # ---- config --------------------------------------------------------------------------------------
 
 

@@ -94,6 +94,20 @@ def init_from_run(model: torch.nn.Module, folder: str, source: str) -> None:
                           f"(e.g. {unknown[0]}); use the recipe the SFT run used")
 
 
+def turn_off_dropout(model: torch.nn.Module) -> None:
+    """GRPO trains without dropout (LoRA's, the embedding's, the attention's): the sampling policy's
+    log-probabilities are taken in eval mode, so with dropout in the policy's forward the ratio of
+    a rollout's first step would not be 1 and the clip would act on noise. (RL recipes turn it off
+    for the same reason; eval mode for the policy would also turn off gradient checkpointing.)"""
+    from workbench.model.qwen import QWenAttention
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        elif isinstance(module, QWenAttention):
+            module.attn_dropout = 0.0
+
+
 @dataclass
 class Rollout:
     """B prompts with G sampled answers each: N = B*G rows, prompt b's answers at rows b*G .. b*G+G-1."""
@@ -123,6 +137,8 @@ class GRPOTrainer(WorkbenchTrainer):
         self._micro = 0
         self._stats: dict[str, list[float]] = defaultdict(list)
         self._shuffle_rng = random.Random(self.run_config.train.seed)
+        turn_off_dropout(self.model)
+
 
     # ---- the step --------------------------------------------------------------------------------
 
