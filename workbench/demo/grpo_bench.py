@@ -1,6 +1,6 @@
 """GRPO vs continued SFT on the demo's data for the same wall time (issue 20, BENCHMARKS.md).
 
-    python -m workbench.demo.grpo_bench R --seconds 300 [--arms grpo sft shuffled] [--grpo-set K=V ...] [--tag T]
+    python -m workbench.demo.grpo_bench R --seconds 600 [--arms start grpo sft shuffled] [--lr 1e-4] [--grpo-set K=V ...] [--tag T]
 
 R is a `workbench demo` report folder (its base/, data/ and SFT adapter/). Every arm starts from
 R/adapter and trains until `--seconds` of training wall time are spent, then its adapter is scored
@@ -9,8 +9,11 @@ a few points apart are told apart: R/data/bench-eval.jsonl, 300 more images of t
 generator (seed 2; the demo's train set is seed 0, its eval set seed 1), made on first use.
 "start" scores R/adapter itself.
 
+Every trained arm runs at the constant rate --lr (default 1e-4, configs/demo-grpo.yaml's);
+--grpo-set overrides the GRPO arms' settings (train.lr too).
+
   grpo      configs/demo-grpo.yaml
-  sft       configs/demo.yaml, continuing the SFT adapter (constant lr, the GRPO arm's rate)
+  sft       configs/demo.yaml, continuing the SFT adapter
   shuffled  configs/demo-grpo.yaml with grpo.shuffle_images: each prompt sees another prompt's image
 """
 
@@ -107,10 +110,10 @@ def run_arm(report: Path, arm: str, seconds: float, lr: float, seed: int, grpo_s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report", type=Path)
-    p.add_argument("--seconds", type=float, default=300.0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seconds", type=float, default=600.0)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arms", nargs="+", default=["grpo", "sft", "shuffled"], choices=["start", "grpo", "sft", "shuffled"])
+    p.add_argument("--arms", nargs="+", default=["start", "grpo", "sft", "shuffled"], choices=["start", "grpo", "sft", "shuffled"])
     p.add_argument("--grpo-set", nargs="*", default=[], help="--set overrides for the GRPO arms (grpo.temperature=0.7)")
     p.add_argument("--tag", default="", help="suffix of the arms' folders and names (a second setting)")
     args = p.parse_args(argv)

@@ -139,7 +139,6 @@ class GRPOTrainer(WorkbenchTrainer):
         self._shuffle_rng = random.Random(self.run_config.train.seed)
         turn_off_dropout(self.model)
 
-
     # ---- the step --------------------------------------------------------------------------------
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
