@@ -116,3 +116,15 @@ def test_wrong_sizes_are_refused(model, tmp_path) -> None:
             **BASE_SIZES["visual"], "width": 32}})), COLOURS)
     with pytest.raises(WorkbenchError, match="no colour score for \\['purple'\\]"):
         set_shape_vision(model, {"purple": (128, 0, 128)})
+
+
+def test_shapes_dataset_is_a_function_of_its_seed(tmp_path):
+    """Same seed, same images, whatever ran before in the process (xdist runs tests in any order)."""
+    from workbench.demo.synthetic import make_shapes_dataset
+
+    first, again, other = (make_shapes_dataset(tmp_path / name, 3, seed=seed)
+                           for name, seed in (("a", 7), ("b", 7), ("c", 8)))
+    assert first.read_text() == again.read_text() != other.read_text()
+    for i in range(3):
+        a, b = (Image.open(path.parent / "images" / f"train-{i:04d}.png").tobytes() for path in (first, again))
+        assert a == b

@@ -301,13 +301,13 @@ def test_qlora_step_trains_the_lora_weights_after_rollouts(tmp_path, tiny_model,
 
 # ---- a shortened GRPO on the demo's data ---------------------------------------------------------
 
-SFT_STEPS, GRPO_STEPS = 200, 12
+SFT_STEPS, GRPO_STEPS = 200, 48
 
 
 def left_reward(answer: str, query, size) -> float:
     """How far left the answer's box starts (0 without a box): a reward every sampled group spreads
-    and GRPO can move in a dozen steps. Held-out IoU over 12 steps of 8 prompts is too noisy to
-    assert on (it rose on one machine and fell on another); BENCHMARKS.md measures that one."""
+    and GRPO can move in a few dozen steps. Held-out Acc@0.5 needs minutes of GRPO to move beyond
+    its noise; BENCHMARKS.md measures that one."""
     from workbench.eval.parse import parse_boxes, pick_box
 
     box = pick_box(parse_boxes(answer), query.phrase)
@@ -328,11 +328,11 @@ def test_grpo_after_a_short_sft_raises_the_mean_reward(tmp_path):
     assert sft.status == "completed"
     result = train(load_run_config(GRPO_CONFIG, [
         f"model={base}", f"data.train={data}", f"grpo.init_from={sft.output_dir}", f"train.max_steps={GRPO_STEPS}",
-        f"train.output_dir={tmp_path / 'grpo'}", "train.logging_steps=1", "train.lr=3e-3", "train.batch_size=8", "grpo.iterations=1",
-        "grpo.rewards={tests.train.test_grpo:left_reward: 1.0}"]))
+        f"train.output_dir={tmp_path / 'grpo'}", "train.logging_steps=1", "train.batch_size=8",
+        "grpo.rewards={tests.train.test_grpo:left_reward: 1.0}"]))  # otherwise configs/demo-grpo.yaml (lr 1e-4)
     assert result.status == "completed"
     rewards = [m["reward"] for m in read_metrics(result.output_dir / "metrics.jsonl") if "reward" in m]
     third = len(rewards) // 3
     first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
     print(f"mean reward {first:.3f} (first {third} steps) -> {last:.3f} (last {third})")
-    assert last > first, rewards
+    assert last > first + 0.1, rewards  # measured 0.304 -> 0.500

@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 from workbench.atomic import write_text
@@ -32,7 +33,10 @@ def _background(rng: random.Random, width: int, height: int) -> Image.Image:
     for x in range(-height, width, step):
         shade = base + rng.randint(-25, 25)
         draw.line([(x, 0), (x + height, height)], fill=(shade, shade, shade), width=2)
-    noise = Image.effect_noise((width, height), 20).convert("RGB")
+    # Drawn from the seeded rng: PIL's effect_noise uses C rand(), whose state depends on what
+    # else ran in the process, so the same seed gave different images from one test to the next.
+    pixels = np.random.default_rng(rng.getrandbits(64)).normal(128, 20, (height, width))
+    noise = Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).convert("RGB")
     return Image.blend(image, noise, 0.15)
 
 
