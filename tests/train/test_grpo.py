@@ -172,7 +172,7 @@ def test_shared_prompt_logprobs_and_grads_equal_the_full_forward(tiny_ref_dir, m
 
 
 def test_grpo_turns_off_dropout_so_train_mode_logprobs_equal_the_sampling_policys(tiny_ref_dir):
-    """old_logp is taken in eval mode: the policy's train-mode forward must be the same function."""
+    """Answers are sampled in eval mode: the policy's train-mode forward must be the same function."""
     from peft import LoraConfig, get_peft_model
 
     from workbench.model.checkpoint import load_model
@@ -281,6 +281,18 @@ def test_grpo_steps_log_metrics_and_resume(tmp_path, tiny_model, shapes):
 def length_reward(answer: str, query, size) -> float:
     """A reward the random tiny model's answers differ in (IoU is 0 for all of them): its length."""
     return len(answer) / 10
+
+
+def test_a_reused_rollout_keeps_the_sampling_policys_logprobs(tmp_path, tiny_model, shapes):
+    """iterations: 2 -- step 1 (fresh rollout) has ratio 1, so nothing is clipped; step 2 reuses the
+    rollout after an optimizer step at a large rate, so its ratio (against step 1's log-probabilities,
+    kept with the rollout) moves past 1 +- epsilon and the clip bites."""
+    path = config_file(tmp_path, tiny_model, shapes, max_steps=2, save_steps=10, lr=0.05, batch_size=4,
+                       grpo_section={"rewards": {"tests.train.test_grpo:length_reward": 1.0}, "num_generations": 4})
+    logged = [m for m in read_metrics(run_grpo(path).output_dir / "metrics.jsonl") if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2]
+    assert logged[0]["clip_fraction"] == 0 and logged[1]["clip_fraction"] > 0
+    assert logged[0]["reward"] == logged[1]["reward"]  # the same rollout's answers
 
 
 def test_qlora_step_trains_the_lora_weights_after_rollouts(tmp_path, tiny_model, shapes):

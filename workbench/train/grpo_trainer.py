@@ -11,9 +11,10 @@ A micro-batch is a list of grounding queries (the data files' `<ref>` + box turn
    end at the first ChatML stop token.
 2. rewards (rewards.py, on parse.py's boxes) -> group-normalised advantages (grpo.py).
 3. log-probabilities of the answers' tokens (the prompts run once, their keys and values shared by
-   the G answers: qwen.PromptKV): the policy (with grad), the reference (the same model
-   under `disable_adapter()`: the base, no second copy) and, with `grpo.iterations` > 1, the
-   sampling policy's, kept with the rollout, which is reused for that many optimizer steps.
+   the G answers: qwen.PromptKV): the policy (with grad) and the reference (the same model
+   under `disable_adapter()`: the base, no second copy). The sampling policy's are the policy's
+   own on the rollout's first step (the weights have not moved yet), kept with the rollout for
+   the `grpo.iterations` - 1 further optimizer steps that reuse it.
 4. grpo.policy_loss. Reward mean/std, KL, clip fraction and completion length are logged with the
    loss (trackers, metrics.jsonl, loss_curve.png).
 
@@ -95,10 +96,11 @@ def init_from_run(model: torch.nn.Module, folder: str, source: str) -> None:
 
 
 def turn_off_dropout(model: torch.nn.Module) -> None:
-    """GRPO trains without dropout (LoRA's, the embedding's, the attention's): the sampling policy's
-    log-probabilities are taken in eval mode, so with dropout in the policy's forward the ratio of
-    a rollout's first step would not be 1 and the clip would act on noise. (RL recipes turn it off
-    for the same reason; eval mode for the policy would also turn off gradient checkpointing.)"""
+    """GRPO trains without dropout (LoRA's, the embedding's, the attention's): the answers are
+    sampled in eval mode, so the policy's train-mode forward must be that same function, or the
+    ratio of a reused rollout would compare two dropout masks and the clip would act on noise.
+    (RL recipes turn it off for the same reason; eval mode for the policy would also turn off
+    gradient checkpointing.)"""
     from workbench.model.qwen import QWenAttention
 
     for module in model.modules():
@@ -118,7 +120,7 @@ class Rollout:
     completions: torch.Tensor     # [N, T] sampled answers (generate pads finished rows)
     mask: torch.Tensor            # [N, T] the answers' own tokens
     advantages: torch.Tensor      # [N]
-    old_logp: torch.Tensor | None  # [N, T] under the sampling policy (iterations > 1)
+    old_logp: torch.Tensor | None  # [N, T] under the sampling policy: set by the rollout's first step
     ref_logp: torch.Tensor | None  # [N, T] under the base (adapters disabled)
     stats: dict[str, float]
 
@@ -150,8 +152,9 @@ class GRPOTrainer(WorkbenchTrainer):
             rollout = self._rollouts[slot] = self.rollout(model, inputs["queries"], inputs["pixel_values"],
                                                           inputs["sizes"])
         logp = self.answer_logprobs(model, rollout)
-        old = rollout.old_logp if rollout.old_logp is not None else logp.detach()
-        parts = grpo.policy_loss(logp, old, rollout.advantages, rollout.mask, epsilon=self.spec.epsilon,
+        if rollout.old_logp is None:  # the rollout's first step: the weights are still the sampling policy's
+            rollout.old_logp = logp.detach()
+        parts = grpo.policy_loss(logp, rollout.old_logp, rollout.advantages, rollout.mask, epsilon=self.spec.epsilon,
                                  beta=self.spec.beta, ref_logp=rollout.ref_logp)
         for key, value in {**rollout.stats, "kl": parts.kl.item(), "clip_fraction": parts.clip_fraction.item()}.items():
             self._stats[key].append(value)
@@ -207,12 +210,10 @@ class GRPOTrainer(WorkbenchTrainer):
                           stats={"reward": r.mean().item(), "reward_std": r.view(-1, G).std(1).mean().item(),
                                  "completion_length": mask.sum(1).float().mean().item(),
                                  **{f"reward_{k}": sum(v) / len(v) for k, v in parts.items()}})
-        model.eval()  # dropout off for the fixed log-probabilities
+        model.eval()
         try:
             with base.disable_adapter():
                 rollout.ref_logp = self.answer_logprobs(model, rollout)
-            if spec.iterations > 1:
-                rollout.old_logp = self.answer_logprobs(model, rollout)
         finally:
             model.train(was_training)
         return rollout
