@@ -81,6 +81,14 @@ def test_group_advantages(rewards, expected):
     assert adv == pytest.approx(expected, abs=1e-6)
 
 
+def test_a_group_scored_alike_gets_exactly_zero():
+    """The trainer drops such groups by testing the advantage for 0; a float mean of 8 x 0.1 is
+    not 0.1, so (r - mean) alone would leave a tiny nonzero advantage."""
+    rewards = torch.full((8,), 0.1)
+    assert (rewards - rewards.mean()).abs().max() > 0
+    assert grpo.group_advantages(rewards, group_size=8).tolist() == [0.0] * 8
+
+
 def test_completion_mask_keeps_the_stop_token_and_drops_the_padding():
     rows = torch.tensor([[5, 6, 9, 0, 0], [5, 9, 9, 9, 9], [5, 6, 7, 8, 4]])
     assert grpo.completion_mask(rows, {9}).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
@@ -169,6 +177,36 @@ def test_shared_prompt_logprobs_and_grads_equal_the_full_forward(tiny_ref_dir, m
     assert set(shared) == set(full) and any("visual" in n for n in full)  # the ViT and the LLM get grads
     for name in full:
         torch.testing.assert_close(shared[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dropping_groups_without_advantage_keeps_the_loss_and_its_gradient(tiny_ref_dir):
+    """With beta = 0 the step runs only the groups with signal; the loss and every gradient are the
+    full rollout's (prompt 1's answers all scored alike here)."""
+    from dataclasses import replace
+
+    from workbench.model.checkpoint import load_model
+    from workbench.train.grpo_trainer import answer_logprobs, informative_groups
+
+    model = load_model(tiny_ref_dir, dtype=torch.float32)
+    G = 3
+    r = replace(shared_prompt_rollout(model, G), advantages=torch.tensor([1.2, -0.4, -0.8, 0.0, 0.0, 0.0]))
+    results = []
+    for rollout in (r, informative_groups(r, G)):
+        model.zero_grad(set_to_none=True)
+        logp = answer_logprobs(model, rollout, G, 1.0)
+        loss = grpo.policy_loss(logp, logp.detach(), rollout.advantages, rollout.mask, epsilon=EPS).loss
+        (loss * rollout.loss_scale).backward()
+        results.append((loss * rollout.loss_scale, {n: p.grad.clone() for n, p in model.named_parameters()
+                                                     if p.grad is not None}, rollout))
+    (full, full_grads, _), (kept, kept_grads, small) = results
+    assert small.prompt_ids.shape[0] == 1 and small.completions.shape[0] == G and small.loss_scale == 0.5
+    torch.testing.assert_close(kept, full, atol=1e-7, rtol=1e-6)
+    assert set(kept_grads) == set(full_grads) and any("visual" in n for n in full_grads)
+    for name in full_grads:
+        torch.testing.assert_close(kept_grads[name], full_grads[name], atol=1e-7, rtol=1e-5, msg=name)
+    # nothing informative: one group stays (a zero loss with a graph), not an empty batch
+    none = informative_groups(replace(r, advantages=torch.zeros(6)), G)
+    assert none.completions.shape[0] == G and none.loss_scale == 0.5
 
 
 def test_grpo_turns_off_dropout_so_train_mode_logprobs_equal_the_sampling_policys(tiny_ref_dir):

@@ -11,16 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-ADV_EPS = 1e-4  # (r - mean) / (std + eps): a group whose answers all score alike gets advantage 0
+ADV_EPS = 1e-4  # (r - mean) / (std + eps)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = ADV_EPS) -> torch.Tensor:
     """(r - mean_g) / (std_g + eps) per group of `group_size` consecutive rewards (std unbiased, as
-    DeepSeekMath's GRPO and TRL)."""
+    DeepSeekMath's GRPO and TRL). A group whose answers all score alike gets exactly 0 (a float
+    mean can differ from the rewards by an ulp), so the trainer can tell it carries no signal."""
     groups = rewards.view(-1, group_size)
     mean = groups.mean(dim=1, keepdim=True)
     std = groups.std(dim=1, keepdim=True)
-    return ((groups - mean) / (std + eps)).reshape(-1)
+    alike = groups.amax(dim=1, keepdim=True) == groups.amin(dim=1, keepdim=True)
+    return torch.where(alike, 0.0, (groups - mean) / (std + eps)).reshape(-1)
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,8 @@ A micro-batch is a list of grounding queries (the data files' `<ref>` + box turn
    `prompt_ids`, the image as pixel_values), left-padded, runs once into a KV cache that is
    repeated G times; one batched `generate` samples all answers from it (generate_groups); answers
    end at the first ChatML stop token.
-2. rewards (rewards.py, on parse.py's boxes) -> group-normalised advantages (grpo.py).
+2. rewards (rewards.py, on parse.py's boxes) -> group-normalised advantages (grpo.py). With
+   beta = 0, prompts whose answers all scored alike leave the rollout (informative_groups).
 3. log-probabilities of the answers' tokens (the prompts run once, their keys and values shared by
    the G answers: qwen.PromptKV): the policy (with grad) and the reference (the same model
    under `disable_adapter()`: the base, no second copy). The sampling policy's are the policy's
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import random
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +124,24 @@ class Rollout:
     old_logp: torch.Tensor | None  # [N, T] under the sampling policy: set by the rollout's first step
     ref_logp: torch.Tensor | None  # [N, T] under the base (adapters disabled)
     stats: dict[str, float]
+    loss_scale: float = 1.0       # answers kept / answers sampled (informative_groups)
+
+
+def informative_groups(rollout: Rollout, group_size: int) -> Rollout:
+    """The rollout without the prompts whose G answers all scored alike. Their advantages are 0, so
+    with beta = 0 their tokens add exactly nothing to the loss or its gradient, and the forward and
+    backward can skip them (DAPO filters such groups too); `loss_scale` keeps the loss the mean over
+    all sampled answers. One group stays when none is informative, so a step always has a graph."""
+    keep = rollout.advantages.view(-1, group_size).ne(0).any(1)
+    if not keep.any():
+        keep[0] = True
+    if keep.all():
+        return rollout
+    rows = keep.repeat_interleave(group_size)
+    return replace(rollout, prompt_ids=rollout.prompt_ids[keep], prompt_mask=rollout.prompt_mask[keep],
+                   pixel_values=rollout.pixel_values[keep], completions=rollout.completions[rows],
+                   mask=rollout.mask[rows], advantages=rollout.advantages[rows],
+                   loss_scale=rollout.loss_scale * keep.float().mean().item())
 
 
 class GRPOTrainer(WorkbenchTrainer):
@@ -158,7 +177,8 @@ class GRPOTrainer(WorkbenchTrainer):
                                  beta=self.spec.beta, ref_logp=rollout.ref_logp)
         for key, value in {**rollout.stats, "kl": parts.kl.item(), "clip_fraction": parts.clip_fraction.item()}.items():
             self._stats[key].append(value)
-        return (parts.loss, None) if return_outputs else parts.loss
+        loss = parts.loss * rollout.loss_scale
+        return (loss, None) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs and self._stats:  # a training log: add the GRPO metrics since the last one
@@ -210,6 +230,8 @@ class GRPOTrainer(WorkbenchTrainer):
                           stats={"reward": r.mean().item(), "reward_std": r.view(-1, G).std(1).mean().item(),
                                  "completion_length": mask.sum(1).float().mean().item(),
                                  **{f"reward_{k}": sum(v) / len(v) for k, v in parts.items()}})
+        if spec.beta == 0:  # without a KL term, a group with no advantage contributes nothing
+            rollout = informative_groups(rollout, G)
         model.eval()
         try:
             with base.disable_adapter():
