@@ -62,3 +62,70 @@ def test_model_holds_no_demo_or_conversion_code():
                      "vision", "resampler", "qwen", "modeling"}
     for path in (PACKAGE / "model").glob("*.py"):
         assert not any(m.startswith(("workbench.demo", "workbench.convert", "open_clip")) for m in _imports(path))
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """workbench module -> the workbench modules it imports (any import statement, inside functions too)."""
+    modules = {}
+    for path in SOURCES:
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in modules.items():
+        found = set()
+        for imported in _imports(path):
+            # `from workbench.train import methods` names a module too: take the longest known prefix
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name and not name.startswith(imported + "."):
+                found.add(imported)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module in modules:
+                found |= {f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules}
+        graph[name] = found - {name}
+    return graph
+
+
+def test_no_import_cycle():
+    """No module of workbench/ imports (directly or through others) one that imports it back."""
+    graph = _module_graph()
+    assert "workbench.train.trainer" in graph and "workbench.model.modeling" in graph
+    state: dict[str, int] = {}  # 1 on the DFS stack, 2 done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for nxt in sorted(graph[name]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(nxt):] + [name, nxt])
+                                     if nxt in path else f"import cycle through {name} -> {nxt}")
+            if nxt not in state:
+                visit(nxt, path + [name])
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [])
+
+
+def test_method_names_appear_only_in_the_registry_and_the_config():
+    """The training method is never a string tested outside workbench/train/methods/ and the config
+    declarations (workbench/train/config.py). The demo names its folders and benchmark arms after
+    the methods it runs, which is not dispatch, so it is not counted."""
+    from typing import get_args
+
+    from workbench.train.config import Method
+
+    names = set(get_args(Method))
+    allowed = ("train/config.py", "train/methods/", "demo/")
+    hits = []
+    for path in SOURCES:
+        rel = str(path.relative_to(PACKAGE))
+        if rel.startswith(allowed):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and node.value in names:
+                hits.append(f"{rel}:{node.lineno}: {node.value!r}")
+    assert hits == []
+    # and every name has its module in the registry, every module its name
+    modules = {p.stem for p in (PACKAGE / "train" / "methods").glob("*.py")} - {"__init__", "base"}
+    assert modules == names

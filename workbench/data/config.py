@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from workbench.schema import Invalid, build, locator, option, to_plain
@@ -38,6 +38,10 @@ class DataConfig:
     # make_context encodes them at chat time), False for `official` (finetune.py made them special ids).
     escape_special_text: bool | None = None
 
+    def __post_init__(self) -> None:
+        if self.escape_special_text is None:  # resolved here, so a DataConfig built anywhere has it
+            object.__setattr__(self, "escape_special_text", self.label_mode == "assistant")
+
     def check(self) -> None:
         if self.eval and self.eval_fraction:
             raise Invalid("eval_fraction", "give either data.eval or data.eval_fraction, not both")
@@ -46,10 +50,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, source: str = "<config>") -> DataConfig:
-        cfg = build(cls, d, locator(source), "data")
-        if cfg.escape_special_text is None:
-            cfg = replace(cfg, escape_special_text=cfg.label_mode == "assistant")
-        return cfg
+        return build(cls, d, locator(source), "data")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values, ready to be written into the resolved run config."""

@@ -72,7 +72,7 @@ class LoadAdapter(TrainerCallback):
         self.folder, self.source = folder, source
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any):
-        from workbench.train.grpo_trainer import init_from_run
+        from workbench.train.methods.base import init_from_run
 
         init_from_run(model, str(self.folder), self.source)
 

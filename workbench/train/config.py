@@ -9,7 +9,8 @@ Every error is a `ConfigError` naming the file and the dotted key.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import typing
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +30,13 @@ Optimizer = Literal["adamw_torch", "adamw_torch_fused", "adamw_bnb_8bit", "paged
 
 
 Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
-Method = Literal["sft", "grpo"]
+# The training methods: each name is a module in workbench/train/methods/ and, when the method has
+# settings, a section of the same name below (RunFile).
+Method = Literal["sft", "grpo", "dpo"]
+# TRL's DPO loss types (trl.trainer.dpo_trainer, pinned in constraints.txt); several are summed with
+# their weights, e.g. RPO = {sigmoid: 1.0, sft: alpha}.
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 
 
 @dataclass(frozen=True)
@@ -137,42 +144,71 @@ class GRPOConfig:
 
 
 @dataclass(frozen=True)
+class DPOConfig:
+    """The `dpo:` section (with `method: dpo`): direct preference optimisation on pairs of answers
+    to one prompt (docs/dpo.md), with TRL's loss code. The reference policy is the model with its
+    adapters disabled; `init_from` continues an SFT run's adapter."""
+
+    beta: float = option(0.1, gt=0)             # the implicit reward's scale (IPO: its regulariser)
+    # TRL loss type -> weight, summed; RPO (DPO + an SFT term on the chosen answer) is {sigmoid: 1.0, sft: 1.0}
+    loss: dict[str, Any] = field(default_factory=lambda: {"sigmoid": 1.0})
+    label_smoothing: float = option(0.0, ge=0, lt=0.5)  # robust / exo_pair / aot: the share of flipped labels
+    init_from: str | None = None               # an SFT run folder whose adapter DPO continues; None: base
+    # control experiment: each prompt is trained on another prompt's pair (its images stay its own)
+    shuffle_pairs: bool = False
+
+    def check(self) -> None:
+        if not self.loss:
+            raise Invalid("loss", "give at least one TRL loss type and its weight, e.g. {sigmoid: 1.0}")
+        for name, weight in self.loss.items():
+            if name not in DPO_LOSSES:
+                from workbench.errors import nearest
+
+                raise Invalid(f"loss.{name}", f"unknown DPO loss type; {nearest(name, DPO_LOSSES)}")
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight == weight \
+                    or abs(weight) == float("inf"):
+                raise Invalid(f"loss.{name}", f"the weight must be a finite number, got {weight!r}")
+        if "exo_pair" in self.loss and self.label_smoothing == 0:
+            raise Invalid("label_smoothing", "exo_pair needs a label_smoothing > 0 (it takes log(label_smoothing))")
+
+
+@dataclass(frozen=True)
 class RunFile:
-    """The top level of a run config file."""
+    """The top level of a run config file: every key a YAML file may hold, declared once."""
 
     model: str = option(doc="a Qwen-VL-Chat folder or hub id")
     adapter: str = option(doc="a recipe name in adapters/ or a path to a recipe YAML")
-    data: dict[str, Any] = option(doc="the data section")
-    train: dict[str, Any] = option(doc="the train section")
+    data: DataConfig = option(doc="the data section")
+    train: TrainConfig = option(doc="the train section")
     dtype: Dtype = "bfloat16"
     # Training resolution in pixels; None keeps the model's config.visual["image_size"]. The
     # trainer checks it against the patch size (it needs the model) and sets it on the model.
     image_size: int | None = option(None, gt=0)
     adapter_overrides: dict[str, Any] | None = None
     method: Method = "sft"
+    # one section per method that has settings, named as the method (filled with defaults when absent)
     grpo: GRPOConfig | None = None
+    dpo: DPOConfig | None = None
+
+
+def method_sections() -> dict[str, type]:
+    """Method name -> its section's dataclass, for the methods that have one."""
+    hints = typing.get_type_hints(RunFile)
+    return {name: next(t for t in typing.get_args(hints[name]) if t is not type(None))
+            for name in typing.get_args(Method) if name in hints}
 
 
 @dataclass(frozen=True)
-class RunConfig:
-    """A whole run config, every section validated."""
+class RunConfig(RunFile):
+    """A whole run config: the file's sections validated, the method's section filled in, the recipe loaded."""
 
-    source: str  # the YAML file, as named in error messages
-    model: str
-    dtype: Dtype
-    adapter: str
-    adapter_overrides: dict[str, Any]
-    recipe: Recipe
-    data: DataConfig
-    train: TrainConfig
-    image_size: int | None = None
+    source: str = "<config>"  # the YAML file, as named in error messages
+    recipe: Recipe | None = None
     overrides: tuple[str, ...] = ()  # the --set arguments, for the run record
-    method: Method = "sft"
-    grpo: GRPOConfig | None = None  # set (defaults filled in) iff method is grpo
 
     def to_dict(self) -> dict[str, Any]:
         """The config with every default filled in (the content of config.resolved.yaml)."""
-        return {
+        out = {
             "model": self.model,
             "dtype": self.dtype,
             "image_size": self.image_size,
@@ -180,8 +216,13 @@ class RunConfig:
             "adapter_overrides": self.adapter_overrides,
             "data": self.data.to_dict(),
             "train": to_plain(self.train),
-            **({"method": "grpo", "grpo": to_plain(self.grpo)} if self.method == "grpo" else {}),
         }
+        section = getattr(self, self.method, None)
+        if self.method != RunFile.method or section is not None:
+            out["method"] = self.method
+        if section is not None:
+            out[self.method] = to_plain(section)
+        return out
 
     def mixed_precision(self) -> str:
         """bf16 / fp16 / fp32: train.precision, with `auto` following the weights' dtype."""
@@ -211,12 +252,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], source: str) -> d
     return raw
 
 
-def _grpo_section(top: RunFile, source: str) -> GRPOConfig | None:
-    if top.method == "grpo":
-        return top.grpo or GRPOConfig()
-    if top.grpo is not None:
-        raise ConfigError(f"{source}: grpo: given, but method is {top.method!r}; add `method: grpo`")
-    return None
+def _method_sections(top: RunFile, source: str) -> dict[str, Any]:
+    """The method's own section, with its defaults when the file leaves it out; another method's
+    section is refused (it would be silently ignored)."""
+    out = {}
+    for name, cls in method_sections().items():
+        given = getattr(top, name)
+        if name == top.method:
+            out[name] = given or cls()
+        elif given is not None:
+            raise ConfigError(f"{source}: {name}: given, but method is {top.method!r}; add `method: {name}`")
+    return out
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -232,14 +278,10 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
     top = build(RunFile, raw, locator(source))
     adapter_overrides = top.adapter_overrides or {}
     config = RunConfig(
-        source=source, model=top.model, dtype=top.dtype, adapter=top.adapter,
-        adapter_overrides=adapter_overrides,
-        recipe=load_recipe(top.adapter, adapter_overrides, source=source),
-        data=DataConfig.from_dict(top.data, source=source),
-        train=build(TrainConfig, top.train, locator(source), "train"),
-        image_size=top.image_size, overrides=tuple(overrides), method=top.method,
-        grpo=_grpo_section(top, source),
+        **{f.name: getattr(top, f.name) for f in fields(RunFile)},
+        source=source, recipe=load_recipe(top.adapter, adapter_overrides, source=source), overrides=tuple(overrides),
     )
+    config = replace(config, adapter_overrides=adapter_overrides, **_method_sections(top, source))
     if config.data.vit_cache:
         for name in ("vit", "resampler"):
             if config.recipe.components[name].trainable:

@@ -32,17 +32,15 @@ from __future__ import annotations
 import random
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from workbench.errors import ConfigError
 from workbench.model.qwen import PromptKV
 from workbench.train import grpo
 from workbench.train.rewards import weighted_rewards
-from workbench.train.trainer import WorkbenchTrainer
+from workbench.train.workbench_trainer import WorkbenchTrainer
 
 # logged once per logging step (the mean over the micro-batches since the last log)
 LOGGED = ("reward", "reward_std", "kl", "clip_fraction", "completion_length")
@@ -69,31 +67,6 @@ class QueryCollator:
         images = [load_image(q.file) for q in batch]
         return {"queries": list(batch), "pixel_values": torch.stack([preprocess(im, self.image_size) for im in images]),
                 "sizes": [im.size for im in images]}
-
-
-def init_from_run(model: torch.nn.Module, folder: str, source: str) -> None:
-    """Load the adapter of an SFT run folder into the freshly built PeftModel (same recipe)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    from workbench.adapters.apply import WEIGHTS_FILE
-
-    path = Path(folder) / WEIGHTS_FILE
-    if not path.is_file():
-        raise ConfigError(f"{source}: grpo.init_from: {folder} holds no {WEIGHTS_FILE} (an SFT run folder)")
-    state = load_file(path)
-    result = set_peft_model_state_dict(model, state)
-    # fully trained parameters (`train:` in the recipe) are stored under their plain names
-    plain = {k: v for k, v in state.items() if ".lora_" not in k}
-    own = dict(model.named_parameters())
-    unknown = [k for k in result.unexpected_keys if k not in plain or k not in own]
-    with torch.no_grad():
-        for k, v in plain.items():
-            if k in own:
-                own[k].copy_(v)
-    if unknown:
-        raise ConfigError(f"{source}: grpo.init_from: {folder}'s adapter does not fit this run's recipe "
-                          f"(e.g. {unknown[0]}); use the recipe the SFT run used")
 
 
 def turn_off_dropout(model: torch.nn.Module) -> None:
@@ -152,8 +125,6 @@ class GRPOTrainer(WorkbenchTrainer):
         self.spec = self.run_config.grpo
         self.tokenizer = tokenizer
         self.model_accepts_loss_kwargs = False  # the loss is a mean over answers, not label tokens
-        if self.accelerator.num_processes > 1:
-            raise ConfigError(f"{self.run_config.source}: method: grpo runs in one process (no DDP/FSDP yet)")
         self._rollouts: dict[int, Rollout] = {}
         self._micro = 0
         self._stats: dict[str, list[float]] = defaultdict(list)

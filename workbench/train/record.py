@@ -17,8 +17,11 @@ from workbench.atomic import write_text
 from workbench.errors import WorkbenchError
 from workbench.run_folder import METRICS_NAME, PLOT_NAME, RECORD_NAME, checkpoints, data_fingerprint
 
+from workbench.train.config import RunFile
+
 if TYPE_CHECKING:
     from workbench.train.config import RunConfig
+
 
 def write_yaml(path: Path, data: Any) -> None:
     write_text(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
@@ -69,10 +72,10 @@ def check_resume(output_dir: Path, config: RunConfig, processes: int) -> list[st
         before = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as err:
         raise WorkbenchError(f"{path}: run record is not valid JSON ({err})") from None
-    old_method = before.get("config", {}).get("method", "sft")
+    old_method = before.get("config", {}).get("method", RunFile.method)
     if old_method != config.method:  # an SFT checkpoint's optimizer state is not a GRPO run's, nor back
         raise WorkbenchError(f"--resume: {config.source}: method is {config.method!r}, but the run in "
-                             f"{output_dir} was {old_method!r}; start a new run (grpo.init_from takes an SFT run)")
+                             f"{output_dir} was {old_method!r}; start a new run (a method's init_from continues an SFT run)")
     old, new = before.get("config", {}).get("train", {}), config.to_dict()["train"]
     changed = [f"train.{k}: {old[k]!r} -> {new[k]!r}" for k in SCHEDULE_KEYS if k in old and old[k] != new[k]]
     old_processes = (before.get("sessions") or [{}])[-1].get("processes")

@@ -4,7 +4,9 @@ transformers' Trainer owns the loop, gradient accumulation, schedules, checkpoin
 (data order, optimizer, scheduler, RNG) and accelerate (DDP / FSDP / DeepSpeed). The workbench
 adds only what it cannot do: the optimizer's per-component parameter groups from the recipe,
 a token-weighted loss that is the same for any split of the global batch, the run guard
-(NaN stop, Ctrl-C save), and the run folder (record, metrics, plot, summary).
+(NaN stop, Ctrl-C save) (workbench_trainer.py), and the run folder (record, metrics, plot, summary).
+What differs between training methods (data, step, checks) is the method's (workbench/train/methods/);
+this module names none of them.
 """
 
 from __future__ import annotations
@@ -18,106 +20,21 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType
-from transformers import EarlyStoppingCallback, Trainer, TrainingArguments, set_seed
+from transformers import EarlyStoppingCallback, TrainingArguments, set_seed
 from transformers.integrations import TensorBoardCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from workbench import run_folder
 from workbench.atomic import write_json
 from workbench.errors import ConfigError
-from workbench.model.modeling import IGNORE_INDEX
-from workbench.train import distributed, record
+from workbench.train import distributed, methods, record
 from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, SelectiveCheckpointing
 from workbench.train.config import RunConfig
+from workbench.train.methods.base import TrainData
 from workbench.train.plots import plot_loss_curve
+from workbench.train.workbench_trainer import WorkbenchTrainer
 
-
-class WorkbenchTrainer(Trainer):
-    """Trainer with the recipe's parameter groups, a split-invariant loss and the run guard."""
-
-    def __init__(self, *args: Any, run_config: RunConfig, guard: RunGuard, grounding: Any = None,
-                 has_loss_eval: bool = False, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.run_config, self.guard = run_config, guard
-        self.grounding, self.has_loss_eval = grounding, has_loss_eval
-        # The model returns the mean over its own micro-batch. Asking the Trainer for
-        # num_items_in_batch (the label-token count of the whole optimizer step, over all
-        # micro-batches and ranks) lets compute_loss rescale it into the global token mean, so
-        # the loss and the gradients do not depend on how the batch is split.
-        self.model_accepts_loss_kwargs = True
-        self._loss_shifts_labels = True  # count labels[:, 1:], the positions the model predicts
-
-    def create_accelerator_and_postprocess(self) -> None:
-        super().create_accelerator_and_postprocess()
-        if distributed.cpu_fsdp_requested():  # accelerate would quietly run an FSDP launch on CPU as DDP
-            distributed.enable_cpu_fsdp(self.accelerator)
-            self.is_fsdp_enabled = True
-        if distributed.shards_parameters(self.accelerator):
-            self.model.get_base_model().transformer.sharded_visual = True
-
-    def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
-        if self.optimizer is None:
-            from workbench.adapters.apply import param_groups
-
-            opt_model = self.model if model is None else model
-            groups = param_groups(opt_model, self.run_config.recipe, base_lr=self.args.learning_rate,
-                                  weight_decay=self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
-            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
-        return self.optimizer
-
-    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor], return_outputs: bool = False,
-                     num_items_in_batch: torch.Tensor | int | None = None):
-        outputs = model(**inputs)
-        loss = outputs.loss
-        if num_items_in_batch is not None:
-            local = (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
-            # DDP averages gradients over ranks, hence the factor num_processes.
-            loss = loss * (local / num_items_in_batch) * self.accelerator.num_processes
-        return (loss, outputs) if return_outputs else loss
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        # PEFT's save_pretrained leaves out parameters a recipe trains in place (`train:`);
-        # save_adapter writes them into the same adapter file, for checkpoints and the final save.
-        from workbench.adapters.apply import save_adapter
-
-        output_dir = output_dir or self.args.output_dir
-        Path(output_dir).mkdir(parents=True, exist_ok=True)
-        # Under FSDP / DeepSpeed the Trainer passes the gathered full `state_dict`: use it.
-        with distributed.without_checkpoint_wrappers(self.accelerator.unwrap_model(self.model)) as model:
-            save_adapter(model, output_dir, state_dict=state_dict)
-
-    def evaluate(self, eval_dataset: Any = None, ignore_keys: list[str] | None = None,
-                 metric_key_prefix: str = "eval") -> dict[str, float]:
-        """The Trainer's loss evaluation (when the data has an eval split) plus grounding accuracy
-        (train.eval_grounding), in one metrics dict, so `metric_for_best` and early stopping can use
-        either; the grounding metrics are logged like any other (trackers, metrics.jsonl)."""
-        metrics: dict[str, float] = {}
-        if self.has_loss_eval:
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        if self.grounding is not None:
-            found = self.grounding(self.model, self.state.global_step, draw=self.is_world_process_zero())
-            found = {f"{metric_key_prefix}_{k}": v for k, v in found.items()}
-            self.log(found)
-            metrics.update(found)
-            if not self.has_loss_eval:  # super().evaluate did not run, so tell the callbacks here
-                self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        return metrics
-
-    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
-        # A save that fails (a full disk) leaves no half-written checkpoint-N for --resume to trip on.
-        try:
-            super()._save_checkpoint(model, trial)
-        except BaseException:
-            if self.is_world_process_zero():
-                run_folder.remove_incomplete_checkpoints(Path(self.args.output_dir))
-            raise
-
-    def training_step(self, model: torch.nn.Module, inputs: dict[str, torch.Tensor],
-                      num_items_in_batch: torch.Tensor | int | None = None) -> torch.Tensor:
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.guard.observe_loss(loss)
-        return loss
+__all__ = ["RunResult", "TrainData", "WorkbenchTrainer", "build_data", "build_model", "preflight", "train"]
 
 
 @dataclass
@@ -161,8 +78,7 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         gradient_checkpointing_kwargs={"use_reentrant": False},
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must show in the logs, not be averaged away
-        # GRPO batches are queries (no input_ids to count)
-        include_num_input_tokens_seen="non_padding" if config.method == "sft" else "no",
+        include_num_input_tokens_seen="non_padding" if methods.get(config.method).counts_tokens else "no",
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -190,14 +106,6 @@ def _cpu_only() -> bool:
     # accelerate only picks gloo (MULTI_CPU) for a multi-process launch when told it is on CPU;
     # DeepSpeed on CPU is the exception (see distributed.partial_state_kwargs).
     return not torch.cuda.is_available() and not distributed.cpu_deepspeed_requested()
-
-
-@dataclass
-class TrainData:
-    train: Any
-    eval: Any | None
-    collator: Any
-    files: list[Path]  # the data files, for the run record's fingerprint
 
 
 def build_model(config: RunConfig, device: torch.device) -> torch.nn.Module:
@@ -237,24 +145,9 @@ def check_image_size(size: int, patch: int, where: str) -> None:
 
 
 def build_data(config: RunConfig, tokenizer: Any, image_size: int) -> TrainData:
-    """The data engineer's pipeline: every record is read and checked here, before any weight is loaded."""
-    from workbench.data.collator import SFTCollator
-    from workbench.data.dataset import load_sft_data
-    from workbench.data.records import find_files
-
-    files = find_files([*config.data.train, *config.data.eval])
-    if config.method == "grpo":  # prompts and true boxes; the rollout builds the tensors
-        from workbench.train.grpo_trainer import QueryCollator, load_grpo_queries
-
-        queries = load_grpo_queries(config)
-        if PartialState().is_main_process:
-            print(f"grpo: {len(queries)} grounding queries in {', '.join(config.data.train)}")
-        return TrainData(train=queries, eval=None, files=files, collator=QueryCollator(image_size))
-    data = load_sft_data(config.data, tokenizer, image_size=image_size)
-    if PartialState().is_main_process:
-        print(data.report.summary())
-    return TrainData(train=data.train, eval=data.eval, files=files,
-                     collator=SFTCollator(tokenizer.pad_token_id, config.data.pad_to_multiple_of))
+    """The data engineer's pipeline, as the method reads it: every record is read and checked here,
+    before any weight is loaded."""
+    return methods.get(config.method).load_data(config, tokenizer, image_size)
 
 
 def _kept_checkpoints(config: RunConfig, data: TrainData) -> int:
@@ -311,7 +204,9 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
     # sets up the process group under `accelerate launch`
     state = PartialState(**distributed.partial_state_kwargs(cpu=_cpu_only()))
     out = Path(config.train.output_dir)
+    method = methods.get(config.method)
     distributed.check_launch(config)
+    method.check(config, state.num_processes)  # refusals first: nothing is read or written yet
     # Every rank checks before any rank writes, or rank 1 would find rank 0's fresh record.
     checked = preflight(config, resume)
     data = build_data(config, checked.tokenizer, checked.image_size)
@@ -324,10 +219,7 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
 
     set_seed(config.train.seed)  # before the adapter is built: LoRA init is random
     model = build_model(config, state.device)
-    if config.grpo is not None and config.grpo.init_from:
-        from workbench.train.grpo_trainer import init_from_run
-
-        init_from_run(model, config.grpo.init_from, config.source)
+    method.prepare_model(model, config)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run_record = None
     if state.is_main_process:
@@ -337,19 +229,16 @@ def train(config: RunConfig, resume: bool = False, callbacks: list | None = None
         record.check_disk_space(out, trainable, _kept_checkpoints(config, data))
         run_record = record.start_run_record(out, config, trainable, data.files, checked.resume_from,
                                              processes=state.num_processes)
+        run_record["method"] = method.record(config, data)
         record.write_yaml(out / run_folder.RESOLVED_CONFIG_NAME, config.to_dict())
         write_json(out / run_folder.RECORD_NAME, run_record)
         print(start_summary(config, model, data, checked, state.num_processes))
 
     guard = RunGuard()
     extra = [EarlyStoppingCallback(config.train.early_stopping_patience)] if config.train.early_stopping_patience else []
-    trainer_cls, extra_kwargs = WorkbenchTrainer, {}
-    if config.method == "grpo":
-        from workbench.train.grpo_trainer import GRPOTrainer
-
-        trainer_cls, extra_kwargs = GRPOTrainer, {"tokenizer": checked.tokenizer}
-    trainer = trainer_cls(
-        model=model, args=training_arguments(config, has_eval=data.eval is not None), **extra_kwargs,
+    trainer = method.trainer_class()(
+        model=model, args=training_arguments(config, has_eval=data.eval is not None),
+        **method.trainer_kwargs(checked.tokenizer),
         data_collator=data.collator, train_dataset=data.train,
         # grounding alone still needs an eval "dataset" for the Trainer to schedule evaluations
         eval_dataset=data.eval if data.eval is not None else (grounding.queries if grounding else None),
@@ -444,11 +333,7 @@ def start_summary(config: RunConfig, model: torch.nn.Module, data: TrainData, ch
         f"resume:     {checked.resume_from or 'no (a new run)'}",
         *(f"  changed on resume: {c}" for c in checked.schedule_changes),
     ]
-    if config.grpo is not None:
-        g = config.grpo
-        lines.append(f"grpo:       G={g.num_generations} answers per prompt, T={g.temperature}, top_p={g.top_p}, "
-                     f"beta={g.beta}, eps={g.epsilon}, {g.iterations} step(s) per rollout, rewards {g.rewards}, "
-                     f"from {g.init_from or 'the base'}" + (", images SHUFFLED (control)" if g.shuffle_images else ""))
+    lines += methods.get(config.method).summary_lines(config)
     if t.eval_grounding is not None:
         lines.append(f"grounding:  Acc@0.5 every {t.evaluation_steps()} steps"
                      + (f", best by {t.metric_for_best}" if t.metric_for_best else ""))
