@@ -22,19 +22,21 @@ class ConfigError(WorkbenchError, ValueError):
 
 
 class DataError(WorkbenchError, ValueError):
-    """A data record is wrong (names the file, the record index and the field)."""
+    """A data record is wrong (names the file, the line of a JSONL file, the record index and the field)."""
 
     def __init__(self, message: str, *, file: str | None = None, record: int | None = None,
-                 field: str | None = None):
+                 field: str | None = None, line: int | None = None):
         where = ", ".join(
             part for part in (
                 file and f"file {file}",
+                line is not None and f"line {line}",
                 record is not None and f"record {record}",
                 field and f"field '{field}'",
             ) if part
         )
         super().__init__(f"{where}: {message}" if where else message)
-        self.file, self.record, self.field = file, record, field
+        self.message = message  # without the location, for a caller that adds one
+        self.file, self.record, self.field, self.line = file, record, field, line
 
 
 class CheckpointError(WorkbenchError, ValueError):

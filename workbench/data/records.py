@@ -148,11 +148,17 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
     """(record index, row) per record. JSON(L) is parsed here, line by line, so one bad line is
     one bad record named by its line (the `datasets` JSON loader fails the whole file and forces
     one Arrow schema on all rows, which breaks on `bbox` being one box here and a list there)."""
+    for index, _, row in iter_lines(path):
+        yield index, row
+
+
+def iter_lines(path: Path) -> Iterator[tuple[int, int | None, dict[str, Any] | DataError]]:
+    """(record index, line number in a JSONL file or None, row) per record."""
     if path.suffix == ".parquet":
         import datasets
 
         for i, row in enumerate(datasets.Dataset.from_parquet(str(path))):
-            yield i, row
+            yield i, None, row
         return
     if path.suffix == ".json":
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -165,7 +171,7 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
             if not isinstance(rows, list):
                 raise DataError("a .json data file must hold a list of records", file=str(path))
             for i, row in enumerate(rows):
-                yield i, row if isinstance(row, dict) else _not_object(path, i, row)
+                yield i, None, row if isinstance(row, dict) else _not_object(path, i, row)
             return
     # JSONL: one line at a time, so a file of any size streams in constant memory.
     with path.open(encoding="utf-8", errors="replace") as lines:
@@ -175,10 +181,10 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | DataError]]:
                 continue
             try:
                 row = json.loads(line)
-                yield index, row if isinstance(row, dict) else _not_object(path, index, row)
+                yield index, lineno, row if isinstance(row, dict) else _not_object(path, index, row)
             except json.JSONDecodeError as err:
-                yield index, DataError(f"unreadable JSON on line {lineno}: {err.msg} (column {err.colno})",
-                                       file=str(path), record=index)
+                yield index, lineno, DataError(f"unreadable JSON on line {lineno}: {err.msg} (column {err.colno})",
+                                               file=str(path), record=index)
             index += 1
 
 
@@ -186,9 +192,18 @@ def _not_object(path: Path, index: int, row: Any) -> DataError:
     return DataError(f"a record must be a JSON object, got {type(row).__name__}", file=str(path), record=index)
 
 
+PREFERENCE_FIELDS = ("chosen", "rejected")  # a record with these is a preference pair (data/preference.py)
+
+
 def parse_record(row: dict[str, Any], file: str, index: int, cfg: DataConfig,
-                 headers: dict[Path, tuple[int, int] | DataError] | None = None) -> Conversation:
-    """One row -> Conversation, or DataError naming file, record and field."""
+                 headers: dict[Path, tuple[int, int] | DataError] | None = None,
+                 needs_answer: bool = True) -> Conversation:
+    """One row -> Conversation, or DataError naming file, record and field. `needs_answer=False`
+    reads a prompt (a preference record's, whose answers are its chosen and rejected)."""
+    if needs_answer and any(k in row for k in PREFERENCE_FIELDS):
+        raise DataError("a preference record (chosen, rejected): preference tuning reads it (method: dpo), "
+                        "not conversation training", file=file, record=index,
+                        field=next(k for k in PREFERENCE_FIELDS if k in row))
     fmt = cfg.format
     if fmt == "auto":
         fmt = ("official" if "conversations" in row else "structured" if "messages" in row
@@ -198,6 +213,7 @@ def parse_record(row: dict[str, Any], file: str, index: int, cfg: DataConfig,
                             "'sent' (RefCOCO eval format)", file=file, record=index, field="conversations")
     ctx = _Context(file, index, cfg, {} if headers is None else headers,
                    Path(cfg.image_root) if cfg.image_root else Path(file).parent)
+    ctx.needs_answer = needs_answer
     if fmt == "official":
         return _official(row, ctx)
     return _structured(_refcoco_eval(row, ctx) if fmt == "refcoco_eval" else row, ctx)
@@ -248,6 +264,7 @@ class _Context:
     cfg: DataConfig
     headers: dict[Path, tuple[int, int] | DataError]
     root: Path
+    needs_answer: bool = True
 
     def error(self, message: str, field: str) -> DataError:
         return DataError(message, file=self.file, record=self.record, field=field)
@@ -347,7 +364,7 @@ def _structured(row: dict[str, Any], ctx: _Context) -> Conversation:
 
 def _finish(turns: list[Turn], images: list[Image], system: str | None, ctx: _Context, fld: str,
             meta: dict[str, Any] | None = None) -> Conversation:
-    if not any(t.role == "assistant" for t in turns):
+    if ctx.needs_answer and not any(t.role == "assistant" for t in turns):
         raise ctx.error("no assistant turn: nothing to learn from", fld)
     return Conversation(tuple(turns), tuple(images), ctx.file, ctx.record, system, meta or {})
 

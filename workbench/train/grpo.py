@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from workbench.train.logprobs import token_logprobs  # noqa: F401  (grpo.token_logprobs, as before)
+
 ADV_EPS = 1e-4  # (r - mean) / (std + eps)
 
 
@@ -81,10 +83,3 @@ def completion_mask(completions: torch.Tensor, stop_ids: set[int]) -> torch.Tens
     # a token is kept when no stop token came strictly before it
     before = torch.cumsum(is_stop.int(), dim=1) - is_stop.int()
     return (before == 0).long()
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) per position, from logits [N, T, V] aligned with targets [N, T]; divided by the
-    sampling temperature, so that the ratio compares the distribution the answers were drawn from."""
-    logits = logits.float() / temperature
-    return torch.gather(logits.log_softmax(-1), 2, targets.unsqueeze(-1)).squeeze(-1)

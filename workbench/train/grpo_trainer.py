@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from workbench.model.qwen import PromptKV
 from workbench.train import grpo
+from workbench.train.logprobs import answer_hidden
 from workbench.train.rewards import weighted_rewards
 from workbench.train.workbench_trainer import WorkbenchTrainer
 
@@ -232,17 +232,9 @@ def generate_groups(model: torch.nn.Module, ids: torch.Tensor, attention_mask: t
 
 
 def answer_logprobs(lm: torch.nn.Module, rollout: Rollout, group_size: int, temperature: float) -> torch.Tensor:
-    """log p of each answer token [N, T] under `lm` (a QWenLMHeadModel). The prompts (and their
-    images) run once, not G times: their keys and values (qwen.PromptKV) are repeated for the
-    answers' forward. The LM head runs on the answer positions only (never the prompt's 256 image
-    slots x the vocabulary)."""
-    answers = rollout.completions
-    prompts = PromptKV()
-    last = lm.transformer(rollout.prompt_ids, attention_mask=rollout.prompt_mask,
-                          pixel_values=rollout.pixel_values, prompt_kv=prompts).last_hidden_state[:, -1:]
-    hidden = last.repeat_interleave(group_size, 0)  # predicts each answer's first token
-    if answers.shape[1] > 1:  # the answers' tokens but the last predict the rest
-        mask = torch.cat([rollout.prompt_mask.repeat_interleave(group_size, 0), torch.ones_like(answers[:, :-1])], 1)
-        rest = lm.transformer(answers[:, :-1], attention_mask=mask, prompt_kv=prompts.expand(group_size))
-        hidden = torch.cat([hidden, rest.last_hidden_state], 1)
-    return grpo.token_logprobs(lm.lm_head(hidden), answers, temperature)
+    """log p of each answer token [N, T] under `lm` (a QWenLMHeadModel), each prompt (and its image)
+    run once for its G answers (logprobs.answer_hidden). The LM head runs on the answer positions
+    only (never the prompt's 256 image slots x the vocabulary)."""
+    hidden = answer_hidden(lm, rollout.prompt_ids, rollout.prompt_mask, rollout.pixel_values, rollout.completions,
+                           group_size)
+    return grpo.token_logprobs(lm.lm_head(hidden), rollout.completions, temperature)

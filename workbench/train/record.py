@@ -16,7 +16,6 @@ import workbench
 from workbench.atomic import write_text
 from workbench.errors import WorkbenchError
 from workbench.run_folder import METRICS_NAME, PLOT_NAME, RECORD_NAME, checkpoints, data_fingerprint
-
 from workbench.train.config import RunFile
 
 if TYPE_CHECKING:

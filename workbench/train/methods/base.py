@@ -21,6 +21,7 @@ class TrainData:
     eval: Any | None
     collator: Any
     files: list[Path]  # the data files, for the run record's fingerprint
+    report: Any = None  # what the loader found (counts), for the method's record
 
 
 class Method:
