@@ -25,6 +25,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--model", help="model folder for the tokenizer (default: the config's model:)")
         q.set_defaults(run=run)
     data_sub.choices["preview"].add_argument("-n", type=int, default=2, help="how many samples")
+    q = data_sub.add_parser("pairs", help="preference pairs for method: dpo from a model's own grounding answers "
+                                          "(best vs worst IoU of N samples)")
+    q.add_argument("--model", required=True, help="base model folder")
+    q.add_argument("--adapter", help="adapter folder (an SFT run) on the base; default: the base alone")
+    q.add_argument("--data", required=True, help="grounding data (any format; every <ref> answered with a box)")
+    q.add_argument("--out", required=True, help="the pairs file to write (JSONL), in a folder above the images")
+    q.add_argument("--samples", type=int, default=8, help="answers sampled per question (default 8)")
+    q.add_argument("--temperature", type=float, default=1.0)
+    q.add_argument("--top-p", type=float, default=1.0)
+    q.add_argument("--max-new-tokens", type=int, default=64)
+    q.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    q.add_argument("--image-root", help="the data's image root (the pairs file then names images as the data does)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--limit", type=int, help="the first N questions only")
+    q.set_defaults(run=run_pairs)
     if importlib.util.find_spec("workbench.cli.data_convert"):
         from workbench.cli import data_convert
 
@@ -34,6 +49,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg, model = _config(args)
     return check(args.file, cfg, model) if args.data_command == "check" else preview(args.file, cfg, model, args.n)
+
+
+def run_pairs(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from workbench.api import load_model, load_tokenizer
+    from workbench.errors import WorkbenchError
+    from workbench.eval.grounding import load_queries
+    from workbench.train.pairs import mine_pairs
+
+    for name in ("samples", "batch_size", "max_new_tokens"):
+        if getattr(args, name) < (2 if name == "samples" else 1):
+            raise WorkbenchError(f"--{name.replace('_', '-')}: must be >= {2 if name == 'samples' else 1}, "
+                                 f"got {getattr(args, name)}")
+    if not args.temperature > 0 or not 0 < args.top_p <= 1:
+        raise WorkbenchError(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        raise WorkbenchError(f"--adapter: {args.adapter} holds no adapter_config.json (a PEFT adapter or SFT run folder)")
+    queries = load_queries(args.data, args.image_root)[:args.limit]
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(args.model, dtype=torch.bfloat16 if device == "cuda" else torch.float32, device=device)
+    if args.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model.eval()
+    source = {"model": args.model, "adapter": args.adapter, "samples": args.samples,
+              "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
+    report = mine_pairs(model, load_tokenizer(args.model), queries, Path(args.out), source=source,
+                        samples=args.samples, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, image_root=args.image_root)
+    print(report.summary(Path(args.out)))
+    print(f"  from model {args.model}, adapter {args.adapter or '(none: the base)'}; train on it with method: dpo")
+    return 0
 
 
 def _config(args: argparse.Namespace) -> tuple[Any, str | None]:
