@@ -1,7 +1,8 @@
-"""GRPO vs continued SFT on the demo's data for the same wall time (issue 20, BENCHMARKS.md).
+"""GRPO, DPO and continued SFT on the demo's data for the same wall time (issues 20 and 32, BENCHMARKS.md).
 
-    python -m workbench.demo.grpo_bench R [--seconds 600] [--arms start grpo sft shuffled] [--seeds 0 1]
-                                          [--lr 1e-4] [--grpo-set K=V ...] [--tag T]
+    python -m workbench.demo.grpo_bench R [--seconds 600] [--arms start grpo sft shuffled dpo dpo_shuffled]
+                                          [--seeds 0 1] [--lr 1e-4] [--grpo-set K=V ...] [--dpo-set K=V ...]
+                                          [--marks 120 240] [--tag T]
 
 R is a `workbench demo` report folder (its base/, data/ and SFT adapter/). Every arm starts from
 R/adapter and trains until `--seconds` of training wall time are spent, saving its adapter at the
@@ -14,9 +15,13 @@ generator (seed 2; the demo's train set is seed 0, its eval set seed 1), made on
 Every trained arm runs at the constant rate --lr (default 1e-4, configs/demo-grpo.yaml's);
 --grpo-set overrides the GRPO arms' settings (train.lr too).
 
-  grpo      configs/demo-grpo.yaml
-  sft       configs/demo.yaml, continuing the SFT adapter
-  shuffled  configs/demo-grpo.yaml with grpo.shuffle_images: each prompt sees another prompt's image
+  grpo          configs/demo-grpo.yaml
+  sft           configs/demo.yaml, continuing the SFT adapter
+  shuffled      configs/demo-grpo.yaml with grpo.shuffle_images: each prompt sees another prompt's image
+  dpo           configs/demo-dpo.yaml on R/data/pairs.jsonl: pairs mined from R/adapter by `workbench data
+                pairs` (8 samples at T 1.0 per training question; made on first use, its time printed and
+                kept in R/data/pairs-time.json, not counted in the arm's training time)
+  dpo_shuffled  the same with dpo.shuffle_pairs: each prompt is trained on another prompt's pair
 
 Results accumulate over calls in R/grpo_bench.json (one entry per arm + tag and seed, a rerun
 replaces its entry) and R/grpo_bench.png (Acc@0.5 against training seconds, one line per entry).
@@ -37,6 +42,7 @@ from workbench.atomic import write_json
 
 MARKS = (30, 60, 120, 240, 360, 480, 600)  # seconds of training at which an arm's adapter is kept
 EVAL_IMAGES, EVAL_SEED = 600, 2
+PAIR_SAMPLES, PAIR_TEMPERATURE = 8, 1.0
 
 
 class TimeBudget(TrainerCallback):
@@ -88,6 +94,21 @@ def held_out(report: Path) -> list:
     return load_queries(path)
 
 
+def mined_pairs(report: Path) -> Path:
+    """R/data/pairs.jsonl: pairs from R/adapter's own answers on the training questions (made once)."""
+    from workbench.cli.main import main as cli
+
+    path = report / "data" / "pairs.jsonl"
+    if not path.exists():
+        started = time.time()
+        cli(["data", "pairs", "--model", str(report / "base"), "--adapter", str(report / "adapter"),
+             "--data", str(report / "data" / "train.jsonl"), "--out", str(path), "--samples", str(PAIR_SAMPLES),
+             "--temperature", str(PAIR_TEMPERATURE)])
+        write_json(report / "data" / "pairs-time.json", {"seconds": round(time.time() - started, 1),
+                                                          "pairs": len(path.read_text().splitlines())})
+    return path
+
+
 def score(report: Path, adapters: list[Path]) -> list[dict]:
     """Greedy Acc@0.5 of each adapter on the held-out set (each report in its adapter/eval)."""
     from peft import PeftModel
@@ -104,8 +125,8 @@ def score(report: Path, adapters: list[Path]) -> list[dict]:
 
 
 def run_arm(report: Path, arm: str, seconds: float, lr: float, seed: int, grpo_set: tuple[str, ...] = (),
-            tag: str = "") -> dict:
-    from workbench.demo.runner import DEMO_CONFIG, GRPO_CONFIG
+            tag: str = "", dpo_set: tuple[str, ...] = (), marks: tuple[int, ...] = MARKS) -> dict:
+    from workbench.demo.runner import DEMO_CONFIG, DPO_CONFIG, GRPO_CONFIG
     from workbench.train.config import load_run_config
     from workbench.train.trainer import train
 
@@ -117,18 +138,24 @@ def run_arm(report: Path, arm: str, seconds: float, lr: float, seed: int, grpo_s
     common = [f"model={report / 'base'}", f"data.train={report / 'data' / 'train.jsonl'}",
               f"train.output_dir={out}", f"train.lr={lr}", "train.schedule=constant", "train.warmup_ratio=0.0",
               "train.max_steps=100000", "train.save_steps=100000", f"train.seed={seed}"]
-    budget = TimeBudget(seconds, out)
+    budget = TimeBudget(seconds, out, marks)
     callbacks: list = [budget]
+    extra: tuple[str, ...] = ()
     if arm == "sft":
         config = load_run_config(DEMO_CONFIG, common)
         callbacks.append(LoadAdapter(report / "adapter", str(DEMO_CONFIG)))
+    elif arm.startswith("dpo"):
+        extra = dpo_set
+        config = load_run_config(DPO_CONFIG, common + [f"data.train={mined_pairs(report)}",
+                                                       f"dpo.init_from={report / 'adapter'}",
+                                                       f"dpo.shuffle_pairs={arm == 'dpo_shuffled'}", *dpo_set])
     else:
+        extra = grpo_set
         config = load_run_config(GRPO_CONFIG, common + [f"grpo.init_from={report / 'adapter'}",
                                                         f"grpo.shuffle_images={arm == 'shuffled'}", *grpo_set])
     train(config, callbacks=callbacks)
     scores = score(report, [Path(s["adapter"]) for s in budget.saved])
-    return {"name": name, "arm": arm, "seed": seed, "lr": config.train.lr,
-            "grpo_set": list(grpo_set) if arm != "sft" else [],
+    return {"name": name, "arm": arm, "seed": seed, "lr": config.train.lr, "settings": list(extra),
             "curve": [{**s, **sc} for s, sc in zip(budget.saved, scores)]}
 
 
@@ -141,7 +168,8 @@ def plot(results: list[dict], path: Path) -> None:
     from workbench.atomic import atomic_path
 
     start = next((r["curve"][0] for r in results if r["arm"] == "start"), None)
-    colours = {"grpo": "tab:purple", "sft": "tab:blue", "shuffled": "tab:gray"}
+    colours = {"grpo": "tab:purple", "sft": "tab:blue", "shuffled": "tab:gray", "dpo": "tab:orange",
+               "dpo_shuffled": "tab:brown"}
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
     for r in results:
         if r["arm"] == "start":
@@ -154,7 +182,7 @@ def plot(results: list[dict], path: Path) -> None:
     n = start["n"] if start else (results[0]["curve"][0]["n"] if results and results[0]["curve"] else 0)
     ax.set_xlabel("training wall time (s, 2 CPU cores)")
     ax.set_ylabel(f"held-out Acc@0.5 (greedy, {n} queries)")
-    ax.set_title("GRPO vs continued SFT from the demo's SFT adapter")
+    ax.set_title("GRPO, DPO and continued SFT from the demo's SFT adapter")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     with atomic_path(path) as tmp:
@@ -168,15 +196,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=600.0)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--arms", nargs="+", default=["start", "grpo", "sft", "shuffled"], choices=["start", "grpo", "sft", "shuffled"])
+    arms = ["start", "grpo", "sft", "shuffled", "dpo", "dpo_shuffled"]
+    p.add_argument("--arms", nargs="+", default=arms[:4], choices=arms)
     p.add_argument("--grpo-set", nargs="*", default=[], help="--set overrides for the GRPO arms (grpo.temperature=0.7)")
+    p.add_argument("--dpo-set", nargs="*", default=[], help="--set overrides for the DPO arms (dpo.beta=0.5)")
+    p.add_argument("--marks", type=int, nargs="+", default=list(MARKS), help="seconds at which adapters are kept")
     p.add_argument("--tag", default="", help="suffix of the arms' folders and names (a second setting)")
     args = p.parse_args(argv)
     path = args.report / "grpo_bench.json"
     results = json.loads(path.read_text())["arms"] if path.exists() else []
     for arm in args.arms:
         for seed in ([0] if arm == "start" else args.seeds):
-            entry = run_arm(args.report, arm, args.seconds, args.lr, seed, tuple(args.grpo_set), args.tag)
+            entry = run_arm(args.report, arm, args.seconds, args.lr, seed, tuple(args.grpo_set), args.tag,
+                            tuple(args.dpo_set), tuple(args.marks))
             results = [r for r in results if r["name"] != entry["name"]] + [entry]
             last = entry["curve"][-1]
             print(f"{entry['name']}: {last['steps']} steps, Acc@0.5 {last['acc@0.5']:.3f}", flush=True)

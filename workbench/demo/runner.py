@@ -24,6 +24,7 @@ from workbench.errors import WorkbenchError
 
 DEMO_CONFIG = Path(workbench.__file__).resolve().parents[1] / "configs" / "demo.yaml"
 GRPO_CONFIG = DEMO_CONFIG.with_name("demo-grpo.yaml")
+DPO_CONFIG = DEMO_CONFIG.with_name("demo-dpo.yaml")
 # 224 px with 14 px patches is a 16 x 16 grid: one patch per resampler query (tiny_vision.py).
 BASE_SIZES = {"hidden_size": 128, "num_hidden_layers": 2,
               "visual": {"image_size": 224, "width": 64, "layers": 2, "heads": 4}}

@@ -35,8 +35,9 @@ Tracker = Literal["tensorboard", "wandb", "mlflow", "none"]
 Method = Literal["sft", "grpo", "dpo"]
 # TRL's DPO loss types (trl.trainer.dpo_trainer, pinned in constraints.txt); several are summed with
 # their weights, e.g. RPO = {sigmoid: 1.0, sft: alpha}.
-DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+DPOLoss = Literal["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                  "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
+DPO_LOSSES = typing.get_args(DPOLoss)
 
 
 @dataclass(frozen=True)
@@ -151,7 +152,7 @@ class DPOConfig:
 
     beta: float = option(0.1, gt=0)             # the implicit reward's scale (IPO: its regulariser)
     # TRL loss type -> weight, summed; RPO (DPO + an SFT term on the chosen answer) is {sigmoid: 1.0, sft: 1.0}
-    loss: dict[str, Any] = field(default_factory=lambda: {"sigmoid": 1.0})
+    loss: dict[DPOLoss, float] = field(default_factory=lambda: {"sigmoid": 1.0})  # check() validates it
     label_smoothing: float = option(0.0, ge=0, lt=0.5)  # robust / exo_pair / aot: the share of flipped labels
     init_from: str | None = None               # an SFT run folder whose adapter DPO continues; None: base
     # control experiment: each prompt is trained on another prompt's pair (its images stay its own)
