@@ -290,3 +290,22 @@ def test_dpo_init_from_an_sft_run_and_grounding_eval(tmp_path, tiny_model, toy_d
     first = next(m for m in logged if "loss" in m)
     assert first["rewards/chosen"] != 0 and first["loss"] != pytest.approx(math.log(2), abs=1e-4)
     assert any("eval_grounding_acc@0.5" in m for m in logged)
+
+
+def test_dpo_evaluates_held_out_pairs(tmp_path, tiny_model):
+    """data.eval with preference pairs: the DPO loss and reward statistics on them, as eval_*."""
+    from workbench.train.trainer import train
+
+    rows = [{**GOOD, "chosen": f"<ref>the red square</ref><box>(0,0),({100 + i},500)</box>"} for i in range(4)]
+    path = dpo_config(tmp_path, tiny_model, write_pairs(tmp_path / "d", rows), "lora", max_steps=2, eval_steps=2,
+                      save_steps=2)
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["eval"] = str(write_pairs(tmp_path / "d", rows[:2], "held.jsonl"))
+    path.write_text(yaml.safe_dump(raw))
+    result = train(load_run_config(path))
+    evals = [m for m in read_metrics(result.output_dir / "metrics.jsonl") if "eval_loss" in m]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert evals[0]["eval_rewards/margins"] == pytest.approx(
+        evals[0]["eval_rewards/chosen"] - evals[0]["eval_rewards/rejected"], abs=1e-5)
+    trained = [m for m in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in m]
+    assert all(not any(k.startswith("eval_") for k in m) for m in trained)

@@ -43,6 +43,13 @@ class DPOTrainer(WorkbenchTrainer):
             self._stats[prefix + key].append(value)
         return (loss, None) if return_outputs else loss
 
+    def prediction_step(self, model: torch.nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
+                        ignore_keys: list[str] | None = None):
+        # a pair batch has no `labels`, so the Trainer would call the model directly: the DPO loss instead
+        with torch.no_grad():
+            loss = self.compute_loss(model, self._prepare_inputs(inputs))
+        return loss.detach(), None, None
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # a training log takes the DPO metrics since the last one; an evaluation's log takes its own
         prefix = "eval_" if "eval_loss" in logs else "" if "loss" in logs else None
