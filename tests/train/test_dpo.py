@@ -309,3 +309,15 @@ def test_dpo_evaluates_held_out_pairs(tmp_path, tiny_model):
         evals[0]["eval_rewards/chosen"] - evals[0]["eval_rewards/rejected"], abs=1e-5)
     trained = [m for m in read_metrics(result.output_dir / "metrics.jsonl") if "loss" in m]
     assert all(not any(k.startswith("eval_") for k in m) for m in trained)
+
+
+def test_data_check_reads_a_preference_file(tmp_path, tiny_ref_dir, capsys):
+    from workbench.cli.main import main
+
+    path = write_pairs(tmp_path, [GOOD, GOOD])
+    assert main(["data", "check", str(path), "--model", str(tiny_ref_dir)]) == 0
+    assert "2 preference records read, 0 bad; 2 pairs" in capsys.readouterr().out
+    write_pairs(tmp_path, [GOOD, {**GOOD, "rejected": GOOD["chosen"]}])
+    assert main(["data", "check", str(path)]) == 2
+    out = capsys.readouterr()
+    assert f"file {path}, line 2, record 1, field 'rejected': equal to chosen" in out.out + out.err

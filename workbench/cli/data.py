@@ -115,8 +115,48 @@ def _tokenizer(model: str | None) -> Any:
     return QWenTokenizer.from_pretrained(resolve_model_dir(model))
 
 
+def check_pairs(file: str, cfg: Any, model: str | None) -> int:
+    """A preference file (records with chosen/rejected, for method: dpo): every pair's checks; with a
+    tokenizer also the lengths (a prompt that leaves no room within max_length, answers cut)."""
+    from workbench.data.preference import PreferenceReport, load_pairs, parse_pair
+    from workbench.data.records import find_files, iter_lines
+    from workbench.errors import DataError
+
+    tokenizer = _tokenizer(model)
+    report = PreferenceReport()
+    if tokenizer is not None:
+        load_pairs(cfg.train, cfg, tokenizer, report)
+    else:
+        headers: dict = {}
+        for path in find_files(cfg.train):
+            for index, line, row in iter_lines(path):
+                report.rows += 1
+                try:
+                    if isinstance(row, DataError):
+                        raise row
+                    parse_pair(row, str(path), index, line, cfg, headers)
+                    report.pairs += 1
+                except DataError as err:
+                    report.problems.append(err)
+    print(f"{file}: preference pairs (method: dpo)")
+    print(report.summary())
+    if tokenizer is None:
+        print("token lengths: pass --model (or a --config with model:) to check them against max_length")
+    if report.problems:
+        print(f"\nfirst problems ({len(report.problems)} bad records in all):")
+        for problem in report.problems[:10]:
+            print(f"  {problem}")
+        raise DataError(f"{len(report.problems)} bad record{'s' * (len(report.problems) > 1)} of {report.rows}; "
+                        f"the first: {report.problems[0]}")
+    return 0
+
+
 def check(file: str, cfg: Any, model: str | None) -> int:
     """Validate every record, streaming: statistics accumulate as compact arrays, records are not kept."""
+    from workbench.data.preference import is_preference_file
+
+    if is_preference_file(cfg.train):
+        return check_pairs(file, cfg, model)
     from workbench.data.dataset import build_samples
     from workbench.data.length import fit
     from workbench.data.records import iter_conversations
