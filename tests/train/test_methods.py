@@ -79,3 +79,21 @@ def test_the_corrected_grpo_command_runs_after_a_refused_launch(tmp_path, tiny_m
     assert not (tmp_path / "run").exists()
     assert main(["train", str(path)]) == 0
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+def test_dpo_without_trl_is_refused_before_anything_is_written(tmp_path, tiny_model, shapes, monkeypatch):
+    import importlib.util
+
+    from tests.train.test_grpo import config_file
+    from workbench.train import trainer
+
+    path = config_file(tmp_path, tiny_model, shapes)
+    raw = yaml.safe_load(path.read_text())
+    raw.pop("grpo")
+    raw.update(method="dpo")
+    path.write_text(yaml.safe_dump(raw))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    with pytest.raises(ConfigError, match="method: dpo needs the trl package"):
+        trainer.train(load_run_config(path))
+    assert not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from workbench.errors import ConfigError
 from workbench.train.methods.base import Method, TrainData
 
 
@@ -16,6 +17,14 @@ class DPO(Method):
     one_process = True      # the forward runs on the unwrapped model (the prompt once for both answers)
     vit_cache = False       # the preference dataset reads pixels
     counts_tokens = False   # batches are pairs (no input_ids to count)
+
+    def check(self, config: Any, processes: int) -> None:
+        import importlib.util
+
+        super().check(config, processes)
+        if importlib.util.find_spec("trl") is None:  # the loss is TRL's (workbench/train/dpo.py)
+            raise ConfigError(f"{config.source}: method: dpo needs the trl package (its DPO loss code): "
+                              "pip install -c constraints.txt trl")
 
     def load_data(self, config: Any, tokenizer: Any, image_size: int) -> TrainData:
         from accelerate import PartialState
