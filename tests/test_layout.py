@@ -41,7 +41,7 @@ def test_the_system_prompt_is_written_only_in_the_chat_template():
 
 
 def test_one_dtype_map():
-    assert _count(r"(?m)^TORCH_DTYPES\b") == {"dtypes.py": 1}  # defined once, from the Dtype Literal
+    assert _count(r"(?m)^\s*TORCH_DTYPES = ") == {"dtypes.py": 1}  # defined once, from the Dtype Literal
     assert _count(r"[\"'](bfloat16|float16|bf16|fp16)[\"']\s*:\s*torch\.") == {}  # and no second map
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from workbench.dtypes import TORCH_DTYPES
+from workbench.dtypes import DTYPE_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--overwrite", action="store_true", help="clear an output folder that holds an earlier report")
     g.add_argument("--allow-outside-root", action="store_true",
                    help="allow image paths that lead outside the image root (like data.allow_outside_root)")
-    g.add_argument("--dtype", choices=TORCH_DTYPES, help="default: the config's")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the config's")
     g.add_argument("--device", help="default: cuda if available, else cpu")
     g.set_defaults(run=run_grounding)
 

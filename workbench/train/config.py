@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
-from workbench.adapters.recipe import Recipe, load_recipe
+from workbench.adapters.recipe import Recipe, is_recipe_file, load_recipe
 from workbench.data.config import DataConfig
 from workbench.dtypes import PRECISION_FLAGS, Dtype
 from workbench.errors import ConfigError
@@ -219,6 +219,13 @@ def _grpo_section(top: RunFile, source: str) -> GRPOConfig | None:
     return None
 
 
+def _recipe_beside_config(raw: dict[str, Any], path: Path) -> None:
+    """A recipe given by a relative path in a config file lies beside that file (a `--set` path is cwd's)."""
+    adapter = raw.get("adapter")
+    if isinstance(adapter, str) and is_recipe_file(adapter) and not Path(adapter).is_absolute():
+        raw["adapter"] = str(path.parent / adapter)
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config YAML, apply `--set` overrides and validate every section."""
     source = str(path)
@@ -227,6 +234,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of run settings (model, adapter, data, train, ...)")
+    _recipe_beside_config(raw, Path(source))
     overrides = list(overrides or [])
     raw = apply_overrides(raw, overrides, source)
     top = build(RunFile, raw, locator(source))
