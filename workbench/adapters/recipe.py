@@ -61,7 +61,9 @@ class Component:
 
     # PEFT's and finetune.py's spellings, which people will type.
     ALIASES: ClassVar[dict[str, str]] = {"lr": "lr_scale", "rank": "r", "lora_r": "r", "lora_alpha": "alpha",
-                                         "lora_dropout": "dropout", "target_modules": "modules"}
+                                         "lora_dropout": "dropout", "target_modules": "modules",
+                                         "lora_rank": "r", "lora_target": "modules",
+                                         "lora_target_modules": "modules"}
 
     def check(self) -> None:
         if self.frozen and self.trainable:

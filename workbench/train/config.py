@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
@@ -50,6 +50,21 @@ class GroundingEval:
 @dataclass(frozen=True)
 class TrainConfig:
     """The `train:` section. Defaults are the official LoRA settings (docs/qwen-vl.md, finetune.py)."""
+
+    # The names people bring from transformers, PEFT, axolotl and LLaMA-Factory -> the workbench's key.
+    ALIASES: ClassVar[dict[str, str]] = {
+        "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+        "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+        "per_device_eval_batch_size": "eval_batch_size", "lr_scheduler_type": "schedule",
+        "lr_scheduler": "schedule", "optim": "optimizer", "bf16": "precision", "fp16": "precision",
+        "max_steps_per_epoch": "max_steps", "early_stopping": "early_stopping_patience",
+        "model_max_length": "data.max_length", "max_seq_length": "data.max_length",
+        "cutoff_len": "data.max_length", "sequence_len": "data.max_length",
+        "lora_r": "adapter_overrides.llm.r", "lora_rank": "adapter_overrides.llm.r",
+        "lora_alpha": "adapter_overrides.llm.alpha", "lora_dropout": "adapter_overrides.llm.dropout",
+        "lora_target": "adapter_overrides.llm.modules", "lora_target_modules": "adapter_overrides.llm.modules",
+        "target_modules": "adapter_overrides.llm.modules",
+    }
 
     output_dir: str = option(doc="the folder for the adapter and run record")
     # optimisation
@@ -139,6 +154,19 @@ class GRPOConfig:
 @dataclass(frozen=True)
 class RunFile:
     """The top level of a run config file."""
+
+    ALIASES: ClassVar[dict[str, str]] = {
+        "model_name_or_path": "model", "base_model": "model", "torch_dtype": "dtype", "recipe": "adapter",
+        "learning_rate": "train.lr", "lr": "train.lr", "num_train_epochs": "train.epochs",
+        "per_device_train_batch_size": "train.batch_size", "output_dir": "train.output_dir",
+        "data_path": "data.train", "dataset": "data.train", "train_file": "data.train",
+        "model_max_length": "data.max_length", "max_seq_length": "data.max_length",
+        "cutoff_len": "data.max_length", "sequence_len": "data.max_length",
+        "lora_r": "adapter_overrides.llm.r", "lora_rank": "adapter_overrides.llm.r",
+        "lora_alpha": "adapter_overrides.llm.alpha", "lora_dropout": "adapter_overrides.llm.dropout",
+        "lora_target": "adapter_overrides.llm.modules", "lora_target_modules": "adapter_overrides.llm.modules",
+        "target_modules": "adapter_overrides.llm.modules",
+    }
 
     model: str = option(doc="a Qwen-VL-Chat folder or hub id")
     adapter: str = option(doc="a recipe name in adapters/ or a path to a recipe YAML")
