@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from workbench.cli.args import whole
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="check, preview or convert SFT data")
@@ -24,7 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--config", help="run config YAML: its data: section (and model:) apply")
         q.add_argument("--model", help="model folder for the tokenizer (default: the config's model:)")
         q.set_defaults(run=run)
-    data_sub.choices["preview"].add_argument("-n", type=int, default=2, help="how many samples")
+    data_sub.choices["preview"].add_argument("-n", type=whole(1), default=2, help="how many samples")
     if importlib.util.find_spec("workbench.cli.data_convert"):
         from workbench.cli import data_convert
 

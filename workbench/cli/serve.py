@@ -7,6 +7,9 @@ import ipaddress
 import os
 import sys
 
+from workbench.cli.args import number, whole
+from workbench.dtypes import DTYPE_NAMES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model (+ adapters) over OpenAI's chat-completions API",
@@ -18,21 +21,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a PEFT adapter on the base, requested as model=NAME (repeatable)")
     p.add_argument("--name", help="the base model's name in requests (default: the folder's name or the hub id)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=whole(0, 65535), default=8000)
     p.add_argument("--api-key", default=os.environ.get("WORKBENCH_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $WORKBENCH_API_KEY, else none)")
     p.add_argument("--image-root", help="allow file: image URLs and paths, only inside this folder")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (the server then reaches whatever its network reaches)")
-    p.add_argument("--max-batch", type=int, default=8, help="rows (choices) decoded together (default 8)")
-    p.add_argument("--max-queue", type=int, default=64, help="rows waiting before requests get 503 (default 64)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+    p.add_argument("--max-batch", type=whole(1), default=8, help="rows (choices) decoded together (default 8)")
+    p.add_argument("--max-queue", type=whole(1), default=64, help="rows waiting before requests get 503 (default 64)")
+    p.add_argument("--batch-wait-ms", type=number(ge=0), default=10.0,
                    help="how long an idle server waits for requests arriving together (default 10)")
-    p.add_argument("--max-model-len", type=int, help="prompt + answer tokens (default: the tokenizer's model_max_length)")
-    p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
-    p.add_argument("--max-image-bytes", type=int, help="encoded size of one image (default 20 MiB)")
-    p.add_argument("--max-image-pixels", type=int, help="width x height of one image (default 8192 x 8192)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's")
+    p.add_argument("--max-model-len", type=whole(1), help="prompt + answer tokens (default: the tokenizer's model_max_length)")
+    p.add_argument("--max-images", type=whole(0), default=8, help="images per request (default 8)")
+    p.add_argument("--max-image-bytes", type=whole(1), help="encoded size of one image (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=whole(1), help="width x height of one image (default 8192 x 8192)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the config's")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(run=run)
