@@ -26,7 +26,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--config", help="run config YAML: its data: section (and model:) apply")
         q.add_argument("--model", help="model folder for the tokenizer (default: the config's model:)")
         q.set_defaults(run=run)
-    data_sub.choices["preview"].add_argument("-n", type=whole(1), default=2, help="how many samples")
+    preview_parser = data_sub.choices["preview"]
+    preview_parser.add_argument("-n", type=whole(1), default=2, help="how many samples")
+    preview_parser.add_argument("--draw", metavar="DIR",
+                                help="also write each sample's images as the model sees them, with its boxes "
+                                     "and refs drawn (read back from the tokens), as PNGs into DIR")
     if importlib.util.find_spec("workbench.cli.data_convert"):
         from workbench.cli import data_convert
 
@@ -35,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, model = _config(args)
-    return check(args.file, cfg, model) if args.data_command == "check" else preview(args.file, cfg, model, args.n)
+    if args.data_command == "check":
+        return check(args.file, cfg, model)
+    return preview(args.file, cfg, model, args.n, args.draw)
 
 
 def _config(args: argparse.Namespace) -> tuple[Any, str | None]:
@@ -123,10 +129,15 @@ def check(file: str, cfg: Any, model: str | None) -> int:
     return 0
 
 
-def preview(file: str, cfg: Any, model: str | None, n: int) -> int:
+def preview(file: str, cfg: Any, model: str | None, n: int, draw: str | None = None) -> int:
+    from pathlib import Path
+
     from workbench.data.dataset import bad_records_error, build_samples
+    from workbench.data.draw import draw_sample
     from workbench.data.records import load_conversations
     from workbench.errors import ConfigError
+    from workbench.model.checkpoint import resolve_model_dir
+    from workbench.model.config import load_config
     from workbench.model.modeling import IGNORE_INDEX
 
     tokenizer = _tokenizer(model)
@@ -148,6 +159,10 @@ def preview(file: str, cfg: Any, model: str | None, n: int) -> int:
                 out.append(text if s.labels[start] == IGNORE_INDEX else f"{open_}{text}{close}")
                 start = i
         print("".join(out))
+        if draw:
+            image_size = load_config(resolve_model_dir(model)).visual["image_size"]
+            for png in draw_sample(s, tokenizer, image_size, Path(draw)):
+                print(f"drawn: {png}")
     return 0
 
 
