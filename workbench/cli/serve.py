@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-wait-ms", type=number(ge=0), default=10.0,
                    help="how long an idle server waits for requests arriving together (default 10)")
     p.add_argument("--max-model-len", type=whole(1), help="prompt + answer tokens (default: the tokenizer's model_max_length)")
-    p.add_argument("--max-images", type=whole(0), default=8, help="images per request (default 8)")
+    p.add_argument("--max-images", type=whole(1), default=8, help="images per request (default 8)")
     p.add_argument("--max-image-bytes", type=whole(1), help="encoded size of one image (default 20 MiB)")
     p.add_argument("--max-image-pixels", type=whole(1), help="width x height of one image (default 8192 x 8192)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the config's")
@@ -52,9 +52,6 @@ def run(args: argparse.Namespace) -> int:
     from workbench.serve.models import ServedModel, parse_adapter_specs
     from workbench.serve.server import serve_forever
 
-    for flag in ("max_batch", "max_queue", "max_images", "max_image_bytes", "max_image_pixels"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise WorkbenchError(f"--{flag.replace('_', '-')} must be at least 1")
     root = Path(args.image_root) if args.image_root else None
     if root is not None and not root.is_dir():
         raise WorkbenchError(f"--image-root {root}: not a folder")
