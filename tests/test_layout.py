@@ -6,6 +6,8 @@ import ast
 import re
 from pathlib import Path
 
+import tomllib
+
 PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
@@ -62,3 +64,21 @@ def test_model_holds_no_demo_or_conversion_code():
                      "vision", "resampler", "qwen", "modeling"}
     for path in (PACKAGE / "model").glob("*.py"):
         assert not any(m.startswith(("workbench.demo", "workbench.convert", "open_clip")) for m in _imports(path))
+
+
+def test_nothing_reaches_outside_the_repository():
+    """A clone tests itself: no code, test or doc names a folder beside the repository."""
+    repo = PACKAGE.parent
+    texts = [*SOURCES, *repo.glob("tests/**/*.py"), *repo.glob("*.md"), *repo.glob("docs/*.md"), repo / "Makefile"]
+    offenders = [str(p.relative_to(repo)) for p in texts
+                 if p != Path(__file__).resolve() and re.search(r"\.\./shared|WORKBENCH_SHARED", p.read_text())]
+    assert offenders == []
+
+
+def test_pyproject_installs_every_package_and_the_builtin_files():
+    setup = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    mapped = setup["package-dir"]
+    assert set(setup["packages"]) == found | set(mapped)
+    assert mapped == {"workbench.recipes": "adapters", "workbench.templates": "data_templates",
+                      "workbench.configs": "configs"}
