@@ -6,8 +6,6 @@ import ast
 import re
 from pathlib import Path
 
-import tomllib
-
 PACKAGE = Path(__file__).resolve().parents[1] / "workbench"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
@@ -73,12 +71,3 @@ def test_nothing_reaches_outside_the_repository():
     offenders = [str(p.relative_to(repo)) for p in texts
                  if p != Path(__file__).resolve() and re.search(r"\.\./shared|WORKBENCH_SHARED", p.read_text())]
     assert offenders == []
-
-
-def test_pyproject_installs_every_package_and_the_builtin_files():
-    setup = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]
-    found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
-    mapped = setup["package-dir"]
-    assert set(setup["packages"]) == found | set(mapped)
-    assert mapped == {"workbench.recipes": "adapters", "workbench.templates": "data_templates",
-                      "workbench.configs": "configs"}

@@ -52,8 +52,8 @@ def test_a_plain_clone_runs_its_fast_suite(tmp_path):
     clone = _clone(tmp_path / "empty")
     python = _venv(tmp_path / "venv")
     _pip(python, "-e", clone)
-    where = _run([python, "-c", "import workbench.recipes as r, workbench; print(workbench.__file__, r.__file__)"],
-                 tmp_path).stdout.split()
+    where = _run([python, "-c", "from workbench.builtin import builtin_dir as b; import workbench; "
+                                "print(workbench.__file__, b('recipes').resolve())"], tmp_path).stdout.split()
     assert all(Path(p).is_relative_to(clone) for p in where), where  # the clone's code, not this checkout's
     done = _run([python, "-m", "pytest", "-q", "-m", "not slow", "-n", "2", "-p", "no:cacheprovider"], clone,
                 timeout=1500)
@@ -89,5 +89,6 @@ def test_the_wheel_finds_its_recipes_templates_and_configs(tmp_path):
     out = _run([workbench, "demo", "--steps", "2", "--out", "demo"], user, timeout=600).stdout
     metrics = json.loads((user / "demo" / "metrics.json").read_text())
     assert metrics["steps"] == 2 and (user / "demo" / "merged" / "config.json").is_file(), out
-    where = _run([python, "-c", "import workbench.templates as t; print(t.__file__)"], user).stdout.strip()
+    where = _run([python, "-c", "from workbench.builtin import builtin_dir; print(builtin_dir('templates'))"],
+                 user).stdout.strip()
     assert Path(where).is_relative_to(python.parent.parent), where  # the wheel's copy, inside the venv
