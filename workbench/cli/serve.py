@@ -38,10 +38,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the config's")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--engine", choices=["workbench", "vllm"], default="workbench",
+                   help="vllm: vLLM's OpenAI server from .venv-vllm (`make vllm`) with the workbench's Qwen-VL "
+                        "plugin; --model, --adapter (LLM-only LoRA), --name, --host, --port, --api-key, --dtype, "
+                        "--max-model-len (default: the config's seq_length) and --max-images apply")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="with --engine vllm: one more argument for vLLM's server, e.g. --vllm-arg=--tensor-parallel-size "
+                        "--vllm-arg=2 (repeatable)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from workbench.serve.vllm_launch import launch
+
+        return launch(args)
     from dataclasses import replace
     from pathlib import Path
 
