@@ -77,7 +77,10 @@ def llm(tiny_model):
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> Path:
-    """`workbench demo` as `make demo` runs it: data, SFT, merge; its merged model answers with boxes."""
+    """`workbench demo` as `make demo` runs it: data, SFT, merge; its merged model answers with boxes.
+    $WORKBENCH_DEMO_RUN names a finished demo folder to use instead (a `make demo` report folder)."""
+    if os.environ.get("WORKBENCH_DEMO_RUN"):
+        return Path(os.environ["WORKBENCH_DEMO_RUN"])
     out = tmp_path_factory.mktemp("demo") / "run"
     run_workbench("demo", "--out", out, timeout=1500)
     return out
