@@ -47,6 +47,17 @@ class GroundingEval:
     images: int = option(4, ge=0)       # PNGs drawn per evaluation (first N queries)
 
 
+# Names other tools (transformers, PEFT, axolotl, LLaMA-Factory) use for what another section of a
+# run config holds: the dotted key from the top of the file, for "did you mean".
+ELSEWHERE = {
+    "model_max_length": "data.max_length", "max_seq_length": "data.max_length", "cutoff_len": "data.max_length",
+    "sequence_len": "data.max_length", "lora_r": "adapter_overrides.llm.r", "lora_rank": "adapter_overrides.llm.r",
+    "lora_alpha": "adapter_overrides.llm.alpha", "lora_dropout": "adapter_overrides.llm.dropout",
+    "lora_target": "adapter_overrides.llm.modules", "lora_target_modules": "adapter_overrides.llm.modules",
+    "target_modules": "adapter_overrides.llm.modules",
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The `train:` section. Defaults are the official LoRA settings (docs/qwen-vl.md, finetune.py)."""
@@ -58,12 +69,7 @@ class TrainConfig:
         "per_device_eval_batch_size": "eval_batch_size", "lr_scheduler_type": "schedule",
         "lr_scheduler": "schedule", "optim": "optimizer", "bf16": "precision", "fp16": "precision",
         "max_steps_per_epoch": "max_steps", "early_stopping": "early_stopping_patience",
-        "model_max_length": "data.max_length", "max_seq_length": "data.max_length",
-        "cutoff_len": "data.max_length", "sequence_len": "data.max_length",
-        "lora_r": "adapter_overrides.llm.r", "lora_rank": "adapter_overrides.llm.r",
-        "lora_alpha": "adapter_overrides.llm.alpha", "lora_dropout": "adapter_overrides.llm.dropout",
-        "lora_target": "adapter_overrides.llm.modules", "lora_target_modules": "adapter_overrides.llm.modules",
-        "target_modules": "adapter_overrides.llm.modules",
+        **ELSEWHERE,
     }
 
     output_dir: str = option(doc="the folder for the adapter and run record")
@@ -160,12 +166,7 @@ class RunFile:
         "learning_rate": "train.lr", "lr": "train.lr", "num_train_epochs": "train.epochs",
         "per_device_train_batch_size": "train.batch_size", "output_dir": "train.output_dir",
         "data_path": "data.train", "dataset": "data.train", "train_file": "data.train",
-        "model_max_length": "data.max_length", "max_seq_length": "data.max_length",
-        "cutoff_len": "data.max_length", "sequence_len": "data.max_length",
-        "lora_r": "adapter_overrides.llm.r", "lora_rank": "adapter_overrides.llm.r",
-        "lora_alpha": "adapter_overrides.llm.alpha", "lora_dropout": "adapter_overrides.llm.dropout",
-        "lora_target": "adapter_overrides.llm.modules", "lora_target_modules": "adapter_overrides.llm.modules",
-        "target_modules": "adapter_overrides.llm.modules",
+        **ELSEWHERE,
     }
 
     model: str = option(doc="a Qwen-VL-Chat folder or hub id")
