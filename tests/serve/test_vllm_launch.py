@@ -103,7 +103,7 @@ def test_the_vllm_command_line(model, tmp_path, monkeypatch):
     flags = dict(zip(cmd[3::1], cmd[4::1]))
     assert flags["--model"] == str(model) and flags["--served-model-name"] == "model"
     assert flags["--max-model-len"] == "2048"  # the config's seq_length: no NTK / log-n in vLLM
-    assert flags["--tokenizer"] == str(tmp_path / "tok") and flags["--dtype"] == "float32"
+    assert flags["--tokenizer"] == flags["--generation-config"] == str(tmp_path / "tok") and flags["--dtype"] == "float32"
     assert flags["--max-lora-rank"] == "16" and flags["--max-loras"] == "2"
     assert cmd[cmd.index("--lora-modules") + 1:cmd.index("--lora-modules") + 3] == [f"a={tmp_path / 'a'}",
                                                                                      f"b={tmp_path / 'b'}"]

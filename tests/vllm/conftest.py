@@ -65,9 +65,9 @@ def llm(tiny_model):
     """vLLM's offline engine on the tiny model in float32, LoRA enabled (base requests use no adapter)."""
     from vllm import LLM
 
-    from workbench.vllm_plugin.tokenizer import cached_tokenizer
+    from workbench.vllm_plugin.tokenizer import serving_folder
 
-    engine = LLM(model=str(tiny_model), tokenizer=str(cached_tokenizer(tiny_model)), dtype="float32",
+    engine = LLM(model=str(tiny_model), tokenizer=str(serving_folder(tiny_model)), dtype="float32",
                  max_model_len=2048, enforce_eager=True, limit_mm_per_prompt={"image": 2}, max_num_seqs=8,
                  gpu_memory_utilization=CPU_MEMORY, enable_lora=True, max_lora_rank=8, seed=0,
                  tensor_parallel_size=TP)

@@ -80,13 +80,13 @@ def check_adapter(name: str, folder: Path) -> int:
     return int(config.get("r", 8))
 
 
-def vllm_command(args, config: dict, tokenizer_dir: Path, adapters: dict[str, Path], ranks: list[int]) -> list[str]:
+def vllm_command(args, config: dict, serving: Path, adapters: dict[str, Path], ranks: list[int]) -> list[str]:
     """The vLLM OpenAI server's command line for `workbench serve --engine vllm` arguments."""
     # The release's dynamic NTK and log-n scaling past seq_length are not what vLLM computes:
     # stay within the trained length unless the user asks for more.
     max_len = args.max_model_len or config.get("seq_length", 2048)
     cmd = [vllm_python(), "-m", "vllm.entrypoints.openai.api_server", "--model", str(args.model),
-           "--tokenizer", str(tokenizer_dir), "--served-model-name", args.name or Path(args.model).resolve().name,
+           "--tokenizer", str(serving), "--generation-config", str(serving), "--served-model-name", args.name or Path(args.model).resolve().name,
            "--max-model-len", str(max_len), "--host", args.host, "--port", str(args.port),
            "--limit-mm-per-prompt", json.dumps({"image": args.max_images}),
            # images reach the plugin in their own mode, which it converts as the release does
@@ -104,12 +104,12 @@ def vllm_command(args, config: dict, tokenizer_dir: Path, adapters: dict[str, Pa
 def launch(args) -> int:
     """Check, export the tokenizer, then replace this process with vLLM's server."""
     from workbench.serve.models import parse_adapter_specs
-    from workbench.vllm_plugin.tokenizer import cached_tokenizer
+    from workbench.vllm_plugin.tokenizer import serving_folder
 
     config = check_model(args.model)
     adapters = parse_adapter_specs(args.adapter)
     ranks = [check_adapter(name, folder) for name, folder in adapters.items()]
-    cmd = vllm_command(args, config, cached_tokenizer(args.model), adapters, ranks)
+    cmd = vllm_command(args, config, serving_folder(args.model), adapters, ranks)
     print(f"starting vLLM: {' '.join(cmd)}", file=sys.stderr, flush=True)
     os.execv(cmd[0], cmd)
     return 0  # not reached

@@ -17,11 +17,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from workbench.model.tokenizer import IMAGE_ST, PAT_STR, SPECIAL_TOKENS
+from workbench.atomic import write_json
+from workbench.model.tokenizer import (
+    ENDOFTEXT,
+    IMAGE_ST,
+    IMEND,
+    IMSTART,
+    PAT_STR,
+    SPECIAL_TOKENS,
+    load_tiktoken_bpe,
+)
 from workbench.prompt.template import ChatTemplate, load_template
 
 KEPT_IN_TEXT = IMAGE_ST[:6]  # ref/box/quad open and close: part of the answer, never skipped
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "workbench" / "vllm-tokenizers"
+CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "workbench" / "vllm-serving"
 
 
 def export_tokenizer(model_dir: str | Path, out_dir: str | Path) -> Path:
@@ -68,9 +77,23 @@ def chat_template_jinja(template: ChatTemplate) -> str:
             + "{%- if add_generation_prompt -%}{{ " + json.dumps(template.start("assistant")) + " }}{%- endif -%}")
 
 
-def cached_tokenizer(model_dir: str | Path) -> Path:
-    """The exported tokenizer of a model folder, made once per vocabulary file (keyed by its hash)."""
-    vocab = Path(model_dir) / "qwen.tiktoken"
-    key = hashlib.sha256(vocab.read_bytes()).hexdigest()[:16]
-    out = CACHE / key
-    return out if (out / "tokenizer.json").is_file() else export_tokenizer(model_dir, out)
+def serving_folder(model_dir: str | Path) -> Path:
+    """The tokenizer and generation config vLLM serves a model folder with, made once per content.
+
+    `generation_config.json` is the model's with `<|im_end|>` and `<|im_start|>` added to its
+    `eos_token_id`: the release's chat stops at them (its stop words), and vLLM stops at every id
+    listed there (`--generation-config` points here).
+    """
+    model_dir = Path(model_dir)
+    vocab, generation = model_dir / "qwen.tiktoken", model_dir / "generation_config.json"
+    config = json.loads(generation.read_text()) if generation.is_file() else {}
+    digest = hashlib.sha256(vocab.read_bytes() + json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    out = CACHE / digest
+    if not (out / "generation_config.json").is_file():  # written last
+        export_tokenizer(model_dir, out)
+        n = len(load_tiktoken_bpe(vocab))
+        stops = [n + SPECIAL_TOKENS.index(t) for t in (ENDOFTEXT, IMEND, IMSTART)]
+        eos = config.get("eos_token_id", stops[0])
+        config["eos_token_id"] = list(dict.fromkeys([*(eos if isinstance(eos, list) else [eos]), *stops]))
+        write_json(out / "generation_config.json", config)
+    return out
