@@ -1,21 +1,22 @@
-"""Shared test fixtures: where the reference files are, and the golden outputs.
-
-The reference folder lies beside the repository (`../shared/reference`), both here and in CI.
-"""
+"""Test fixtures: the reference files (tests/reference/, see its README) and the golden outputs."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("WORKBENCH_SHARED", REPO.parent / "shared"))
-TINY_REF = SHARED / "reference" / "tiny-qwen-vl-chat"
-REAL_REF = SHARED / "reference" / "qwen-vl-chat"
+REFERENCE = REPO / "tests" / "reference"
+TINY_REF = REFERENCE / "tiny-qwen-vl-chat"
+REAL_REF = REFERENCE / "qwen-vl-chat"
+INT4_REF = REFERENCE / "qwen-vl-chat-int4"
+
+# tests/vllm run in vLLM's own environment (`make test-vllm`); the workbench's has no vLLM.
+collect_ignore = [] if importlib.util.find_spec("vllm") else ["vllm"]
 
 # One thread per test process: the goldens were made with one thread, and `make test` runs
 # two pytest workers on two cores.

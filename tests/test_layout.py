@@ -41,7 +41,7 @@ def test_the_system_prompt_is_written_only_in_the_chat_template():
 
 
 def test_one_dtype_map():
-    assert _count(r"(?m)^TORCH_DTYPES\b") == {"dtypes.py": 1}  # defined once, from the Dtype Literal
+    assert _count(r"(?m)^\s*TORCH_DTYPES = ") == {"dtypes.py": 1}  # defined once, from the Dtype Literal
     assert _count(r"[\"'](bfloat16|float16|bf16|fp16)[\"']\s*:\s*torch\.") == {}  # and no second map
 
 
@@ -62,6 +62,15 @@ def test_model_holds_no_demo_or_conversion_code():
                      "vision", "resampler", "qwen", "modeling"}
     for path in (PACKAGE / "model").glob("*.py"):
         assert not any(m.startswith(("workbench.demo", "workbench.convert", "open_clip")) for m in _imports(path))
+
+
+def test_nothing_reaches_outside_the_repository():
+    """A clone tests itself: no code, test or doc names a folder beside the repository."""
+    repo = PACKAGE.parent
+    texts = [*SOURCES, *repo.glob("tests/**/*.py"), *repo.glob("*.md"), *repo.glob("docs/*.md"), repo / "Makefile"]
+    offenders = [str(p.relative_to(repo)) for p in texts
+                 if p != Path(__file__).resolve() and re.search(r"\.\./shared|WORKBENCH_SHARED", p.read_text())]
+    assert offenders == []
 
 
 def _module_graph() -> dict[str, set[str]]:

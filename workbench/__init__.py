@@ -1,14 +1,12 @@
 """Qwen-VL-Chat fine-tuning workbench.
 
-Importing the package registers the workbench's Qwen-VL classes with transformers' Auto classes, so
-that `AutoModelForCausalLM.from_pretrained(merged)`, `AutoTokenizer.from_pretrained(run)` and PEFT's
-`AutoPeftModelForCausalLM.from_pretrained(run)` load the workbench's model and tokenizer (no remote
-code). The API names (`load_model`, `load_tokenizer`, `ground`) are imported on first use.
+`import workbench` is cheap (no torch), so that the command line answers at once. The API names
+(`load_model`, `load_tokenizer`, `ground`) are imported on first use. Importing `workbench.model`
+(which every model-loading path does, `load_model` included) registers the workbench's Qwen-VL
+classes with transformers' Auto classes, so that `AutoModelForCausalLM.from_pretrained(merged)`,
+`AutoTokenizer.from_pretrained(run)` and PEFT's `AutoPeftModelForCausalLM.from_pretrained(run)` load
+the workbench's model and tokenizer (no remote code).
 """
-
-from workbench.model.auto import register_auto_classes
-
-register_auto_classes()
 
 
 def __getattr__(name: str):

@@ -125,7 +125,8 @@ def build(cls: type, data: Any, locate: Locate, section: str = "", **fixed: Any)
     prefix = f"{section}." if section else ""
     for key in data:
         if key not in fields:
-            hint = f"did you mean '{aliases[key]}'?" if aliases.get(key) in fields else nearest(key, fields)
+            # An alias names this section's field, or a dotted key from the top of the file.
+            hint = f"did you mean '{aliases[key]}'?" if key in aliases else nearest(key, fields)
             raise ConfigError(f"{locate(prefix + str(key))}: unknown key; {hint}")
     values = dict(fixed)
     for name, f in fields.items():

@@ -118,4 +118,4 @@ def test_inspect_command_prints_per_device_memory(tiny_ref_dir, tmp_path, capsys
     assert d["divided"] == -(-m["total"] // 4) and d["per_device"] == d["divided"] + d["gathered"]
     with pytest.raises(SystemExit) as exit_info:
         main(["inspect", str(config), "--devices", "0"])
-    assert exit_info.value.code == 2 and "--devices: expected a whole number (1 or more)" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --devices: expected a whole number >= 1, not '0'" in capsys.readouterr().err

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from workbench.adapters.recipe import RECIPE_DIR, available_recipes, load_recipe
@@ -12,7 +14,7 @@ LLM = {"modules": ["c_attn"], "r": 8, "alpha": 16}
 
 
 def test_shipped_recipes_load_from_the_repo_adapters_folder():
-    assert RECIPE_DIR.name == "adapters" and (RECIPE_DIR.parent / "workbench").is_dir()
+    assert RECIPE_DIR.resolve() == Path(__file__).resolve().parents[2] / "adapters"  # through workbench/recipes
     assert set(SHIPPED) <= set(available_recipes())
     for name in SHIPPED:
         recipe = load_recipe(name)

@@ -95,6 +95,19 @@ INVALID = [
     ("unknown key", "run", {"train": "  shedule: cosine\n"}, "train.shedule: unknown key; did you mean 'schedule'?"),
     ("unknown data key", "run", {"data": "  max_lenght: 9\n"}, "data.max_lenght: unknown key; did you mean 'max_length'?"),
     ("unknown top key", "run", {"top": "modle: x\n"}, "run.yaml: modle: unknown key; did you mean 'model'?"),
+    # names from transformers, PEFT and the other tuning tools point at the workbench's key
+    ("transformers lr", "run", {"train": "  learning_rate: 1e-4\n"}, "train.learning_rate: unknown key; did you mean 'lr'?"),
+    ("transformers batch", "run", {"train": "  per_device_train_batch_size: 4\n"},
+     "train.per_device_train_batch_size: unknown key; did you mean 'batch_size'?"),
+    ("transformers epochs", "run", {"train": "  num_train_epochs: 3\n"}, "train.num_train_epochs: unknown key; did you mean 'epochs'?"),
+    ("peft rank in train", "run", {"train": "  lora_r: 16\n"}, "train.lora_r: unknown key; did you mean 'adapter_overrides.llm.r'?"),
+    ("peft alpha on top", "run", {"top": "lora_alpha: 32\n"}, "run.yaml: lora_alpha: unknown key; did you mean 'adapter_overrides.llm.alpha'?"),
+    ("lora_target on top", "run", {"top": "lora_target: [c_attn]\n"},
+     "run.yaml: lora_target: unknown key; did you mean 'adapter_overrides.llm.modules'?"),
+    ("top-level learning_rate", "run", {"top": "learning_rate: 1e-4\n"}, "run.yaml: learning_rate: unknown key; did you mean 'train.lr'?"),
+    ("model_max_length in data", "run", {"data": "  model_max_length: 2048\n"},
+     "data.model_max_length: unknown key; did you mean 'max_length'?"),
+    ("recipe lora_target", "recipe", {"llm": "  lora_target: [c_attn]\n"}, "recipe.yaml: llm.lora_target: unknown key; did you mean 'modules'?"),
     ("wrong type", "run", {"train": "  batch_size: two\n"}, "train.batch_size: expected an integer, got 'two'"),
     ("wrong type bool", "run", {"data": "  packing: yes please\n"}, "data.packing: expected true or false"),
     ("wrong type mapping", "run", {"top": "adapter_overrides: [1]\n"}, "adapter_overrides: expected a mapping"),
@@ -130,3 +143,20 @@ def test_invalid_yaml_is_refused_with_its_message(tmp_path, rule, where, pieces,
     assert message in text, text
     assert text.startswith(str(tmp_path)), "the message names the file"
     assert "\n" not in text, "one line"
+
+
+def test_every_alias_names_a_real_key():
+    """Each alias points at a field of its own section or at a dotted key from the top of the file."""
+    from dataclasses import fields
+
+    from workbench.adapters.recipe import Component
+    from workbench.data.config import DataConfig
+    from workbench.train.config import RunFile, TrainConfig
+
+    sections = {"train": TrainConfig, "data": DataConfig, "adapter_overrides.llm": Component}
+    for cls in (RunFile, TrainConfig, DataConfig, Component):
+        own = {f.name for f in fields(cls)}
+        for alias, target in cls.ALIASES.items():
+            section, _, key = target.rpartition(".")
+            names = {f.name for f in fields(sections[section])} if section else own
+            assert key in names and alias not in own, (cls.__name__, alias, target)

@@ -48,3 +48,26 @@ def test_preview_marks_supervised_spans(capsys, write_data, golden, tiny_ref_dir
     assert ("<|im_start|>assistant\n[[I am a helpful assistant that can read images.<|im_end|>]]\n" in out)
     assert "Picture 1: <img>images/a.png</img>\nWhat is in the picture?<|im_end|>" in out
     assert "[[<ref>the dog</ref><box>(588,499),(725,789)</box><|im_end|>]]" in out
+
+
+def test_preview_draws_the_boxes_as_the_model_sees_them(capsys, write_data, data_dir, tiny_ref_dir, tmp_path):
+    from PIL import Image
+
+    from workbench.eval.draw import PALETTE
+
+    Image.new("RGB", (200, 100), "white").save(data_dir / "wide.png")  # W 200 x H 100, resized to 56 x 56
+    path = write_data([{"images": ["wide.png"],
+                        "messages": [{"role": "user", "content": "<image>Where is <ref-object>?"},
+                                     {"role": "assistant", "content": "<ref-object><bbox>"}],
+                        "objects": [{"ref": "the box", "bbox": [50, 20, 150, 80]}]}])
+    out = tmp_path / "drawn"
+    assert main(["data", "preview", str(path), "--model", str(tiny_ref_dir), "--draw", str(out)]) == 0
+    assert "<box>(250,200),(750,800)</box>" in capsys.readouterr().out  # by hand: 50/200, 20/100, ... x 1000
+    [png] = sorted(out.iterdir())
+    drawn = Image.open(png).convert("RGB")
+    assert drawn.size == (448, 448)  # the 56-pixel model input, enlarged 8x to be seen
+    # The grid box read back onto the square input: x 250/1000 * 448 = 112, y 200..800/1000 * 448 = 90..358.
+    assert drawn.getpixel((112, 224)) == PALETTE[0] and drawn.getpixel((336, 224)) == PALETTE[0]
+    assert drawn.getpixel((224, 90)) == PALETTE[0] and drawn.getpixel((224, 358)) == PALETTE[0]
+    assert drawn.getpixel((224, 224)) == (255, 255, 255)  # inside: the image itself
+    assert drawn.getpixel((100, 224)) == (255, 255, 255)  # left of the box: untouched

@@ -152,7 +152,7 @@ def test_fingerprint_and_copy(tmp_path, tiny_ref_dir):
     assert fp["weights"] == {"model.safetensors":
                              hashlib.sha256((tiny_ref_dir / "model.safetensors").read_bytes()).hexdigest()}
     copied = copy_non_weight_files(tiny_ref_dir, tmp_path)
-    assert set(copied) == {"README.md", "golden.json", *NON_WEIGHT_FILES}
+    assert set(copied) == {"golden.json", *NON_WEIGHT_FILES}
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob(".*"))
     (tmp_path / "model.safetensors").write_bytes((tiny_ref_dir / "model.safetensors").read_bytes()[:-1] + b" ")
     assert fingerprint(tmp_path)["weights"]["model.safetensors"] != fp["weights"]["model.safetensors"]

@@ -130,14 +130,22 @@ def test_sigkill_during_checkpoint_save_then_resume(tmp_path, run_config):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MiB tmpfs (root only; skipped where mounting is not allowed)."""
+    """A 2 MiB tmpfs (root only; skipped where mounting is not allowed).
+
+    Unmounted lazily: a plain umount fails while a failed test's process still holds a file there
+    ("target is busy") and left the mount behind. pytest runs this teardown after a failure and
+    after Ctrl-C too.
+    """
     mount = tmp_path / "disk"
     mount.mkdir()
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+        assert not os.path.ismount(mount)
 
 
 def test_disk_full_during_merge(small_disk, model_and_adapter, capsys):
@@ -178,3 +186,30 @@ def test_disk_full_during_checkpoint_save(small_disk, run_config, monkeypatch, c
               if "error:" in line]
     assert len(errors) == 1 and "no space left on the device" in errors[0], errors
     assert not list((small_disk / "cfg" / "run").glob("checkpoint-*")), "the cut-short checkpoint is gone"
+
+
+FAILING_TESTS = '''
+import pytest
+from tests.train.test_crash_hygiene import small_disk  # noqa: F401
+
+def test_fails_holding_a_file(small_disk):
+    held = (small_disk / "held").open("wb")  # keeps the mount busy past the test
+    held.write(b"x")
+    assert False
+
+def test_interrupted(small_disk):
+    raise KeyboardInterrupt
+'''
+
+
+@pytest.mark.parametrize("test", ["test_fails_holding_a_file", "test_interrupted"])
+def test_small_disk_is_unmounted_after_a_failed_or_interrupted_test(tmp_path, test):
+    if os.geteuid() != 0:
+        pytest.skip("mounting needs root")
+    (tmp_path / "test_inner.py").write_text(FAILING_TESTS)
+    base = tmp_path / "base"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--basetemp={base}",
+                           f"{tmp_path / 'test_inner.py'}::{test}"], cwd=REPO.parent, capture_output=True, text=True)
+    assert done.returncode in (1, 2), done.stdout  # failed / interrupted, as planned
+    mounts = Path("/proc/mounts").read_text()
+    assert str(base) not in mounts, mounts

@@ -1,4 +1,4 @@
-"""A run folder stands on its own: PEFT's and transformers' Auto classes load it after `import workbench`."""
+"""A run folder stands on its own: PEFT's and transformers' Auto classes load it after `import workbench.model`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ def test_auto_classes_load_the_run_folder(tmp_path, run_config, tiny_model):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import workbench  # noqa: F401  (registers the Auto classes)
+    import workbench.model  # noqa: F401  (registers the Auto classes)
     from workbench.train.config import load_run_config
     from workbench.train.trainer import train
 

@@ -180,3 +180,19 @@ def test_cli_trains_the_shipped_tiny_config(tmp_path, tiny_ref_dir, monkeypatch,
     assert {"eval_loss", "loss"} <= {k for m in read_metrics(out / "metrics.jsonl") for k in m}
     steps = losses(out)
     assert steps[6] < steps[1]
+
+
+class NotATensor:  # a class the weights-only unpickler refuses
+    pass
+
+
+def test_a_refused_checkpoint_file_is_named_on_resume(tmp_path, run_config, capsys):
+    from workbench.cli.main import main
+
+    path = run_config(max_steps=2, save_steps=2)
+    assert main(["train", str(path)]) == 0
+    rng = tmp_path / "run" / "checkpoint-2" / "rng_state.pth"
+    torch.save({"python": NotATensor()}, rng)
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --resume: {rng}: refused"), err

@@ -22,9 +22,8 @@ may have no LoRA at all (the paper's stage 1: `vit` and `resampler` with `train:
 The per-component learning rate is a *scale* of the run's base lr (not an absolute lr), so a
 schedule or a `--set train.lr=...` keeps the ratios the recipe chose.
 
-`load_recipe(name_or_path)` finds a bare name in the repository's `adapters/` folder
-(`Path(workbench.__file__).parents[1] / "adapters"`, i.e. next to the `workbench/` package in a
-source or editable install); anything with a slash or a .yaml suffix is a path. This module
+`load_recipe(name_or_path)` finds a bare name among the built-in recipes (`adapters/`, installed as
+`workbench.recipes`: workbench/builtin.py); anything with a slash or a .yaml suffix is a path. This module
 checks everything that needs no model; `targets.resolve_targets` checks the rest (module
 patterns that match nothing, layers out of range) and reports with `Recipe.where`.
 """
@@ -35,12 +34,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import workbench
+from workbench.builtin import builtin_dir
 from workbench.dtypes import Dtype
 from workbench.errors import ConfigError, nearest
 from workbench.schema import Invalid, Locate, build, locator, option, read_yaml, to_plain
 
-RECIPE_DIR = Path(workbench.__file__).resolve().parents[1] / "adapters"
+RECIPE_DIR = builtin_dir("recipes")
 COMPONENTS = ("vit", "resampler", "llm")
 LAYERED = ("vit", "llm")  # components built from numbered blocks
 QUANT_COMPONENTS = (*COMPONENTS, "lm_head")
@@ -62,7 +61,9 @@ class Component:
 
     # PEFT's and finetune.py's spellings, which people will type.
     ALIASES: ClassVar[dict[str, str]] = {"lr": "lr_scale", "rank": "r", "lora_r": "r", "lora_alpha": "alpha",
-                                         "lora_dropout": "dropout", "target_modules": "modules"}
+                                         "lora_dropout": "dropout", "target_modules": "modules",
+                                         "lora_rank": "r", "lora_target": "modules",
+                                         "lora_target_modules": "modules"}
 
     def check(self) -> None:
         if self.frozen and self.trainable:
@@ -129,12 +130,15 @@ class Recipe:
         return out
 
 
-def recipe_path(name_or_path: str | Path) -> Path:
-    """A bare name looks in adapters/; a path (has a slash or a .yaml/.yml suffix) is used as is."""
+def is_recipe_file(name_or_path: str | Path) -> bool:
+    """A path has a slash or a .yaml/.yml suffix; anything else names a built-in recipe."""
     text = str(name_or_path)
-    if "/" in text or text.endswith((".yaml", ".yml")):
-        return Path(text)
-    return RECIPE_DIR / f"{text}.yaml"
+    return "/" in text or text.endswith((".yaml", ".yml"))
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """A bare name looks among the built-in recipes; a path is used as is."""
+    return Path(name_or_path) if is_recipe_file(name_or_path) else RECIPE_DIR / f"{name_or_path}.yaml"
 
 
 def available_recipes() -> list[str]:

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from workbench.cli.args import whole
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmark a recipe's training step on random weights of the real size")
     p.add_argument("--recipe", default="official-lora",
                    help="comma-separated recipe names from adapters/ (e.g. official-lora,qlora,all-components)")
     p.add_argument("--seq-len", default="384,512,1024,2048", help="comma-separated sequence lengths")
-    p.add_argument("--steps", type=int, default=3, help="measured optimizer steps per length (after 1 warm-up)")
-    p.add_argument("--grad-accum", type=int, default=8, help="micro-batches per optimizer step")
+    p.add_argument("--steps", type=whole(1), default=3, help="measured optimizer steps per length (after 1 warm-up)")
+    p.add_argument("--grad-accum", type=whole(1), default=8, help="micro-batches per optimizer step")
     p.add_argument("--tiny", action="store_true", help="the built-in tiny model on the CPU (for tests)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--out", default="bench.json", help="where to write the results as JSON")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workbench.dtypes import TORCH_DTYPES
+from workbench.cli.args import whole
+from workbench.dtypes import DTYPE_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,9 +18,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter", help="PEFT adapter folder")
     p.add_argument("--image", help="image file the conversation is about")
     p.add_argument("--draw", metavar="OUT.png", help="draw the boxes of the (latest) answer on the image")
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=whole(1), default=512)
     p.add_argument("--sample", action="store_true", help="sample with the model's generation config (default: greedy)")
-    p.add_argument("--dtype", choices=TORCH_DTYPES, help="default: the config's")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the config's")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.set_defaults(run=run)
 

@@ -13,6 +13,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from workbench.cli.args import number, whole
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="check, preview or convert SFT data")
@@ -24,21 +26,25 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--config", help="run config YAML: its data: section (and model:) apply")
         q.add_argument("--model", help="model folder for the tokenizer (default: the config's model:)")
         q.set_defaults(run=run)
-    data_sub.choices["preview"].add_argument("-n", type=int, default=2, help="how many samples")
+    preview_parser = data_sub.choices["preview"]
+    preview_parser.add_argument("-n", type=whole(1), default=2, help="how many samples")
+    preview_parser.add_argument("--draw", metavar="DIR",
+                                help="also write each sample's images as the model sees them, with its boxes "
+                                     "and refs drawn (read back from the tokens), as PNGs into DIR")
     q = data_sub.add_parser("pairs", help="preference pairs for method: dpo from a model's own grounding answers "
                                           "(best vs worst IoU of N samples)")
     q.add_argument("--model", required=True, help="base model folder")
     q.add_argument("--adapter", help="adapter folder (an SFT run) on the base; default: the base alone")
     q.add_argument("--data", required=True, help="grounding data (any format; every <ref> answered with a box)")
     q.add_argument("--out", required=True, help="the pairs file to write (JSONL), in a folder above the images")
-    q.add_argument("--samples", type=int, default=8, help="answers sampled per question (default 8)")
-    q.add_argument("--temperature", type=float, default=1.0)
-    q.add_argument("--top-p", type=float, default=1.0)
-    q.add_argument("--max-new-tokens", type=int, default=64)
-    q.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    q.add_argument("--samples", type=whole(2), default=8, help="answers sampled per question (default 8)")
+    q.add_argument("--temperature", type=number(gt=0), default=1.0)
+    q.add_argument("--top-p", type=number(gt=0), default=1.0)
+    q.add_argument("--max-new-tokens", type=whole(1), default=64)
+    q.add_argument("--batch-size", type=whole(1), default=8, help="questions per generate call")
     q.add_argument("--image-root", help="the data's image root (the pairs file then names images as the data does)")
-    q.add_argument("--seed", type=int, default=0)
-    q.add_argument("--limit", type=int, help="the first N questions only")
+    q.add_argument("--seed", type=whole(0), default=0)
+    q.add_argument("--limit", type=whole(1), help="the first N questions only")
     q.set_defaults(run=run_pairs)
     if importlib.util.find_spec("workbench.cli.data_convert"):
         from workbench.cli import data_convert
@@ -48,7 +54,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     cfg, model = _config(args)
-    return check(args.file, cfg, model) if args.data_command == "check" else preview(args.file, cfg, model, args.n)
+    if args.data_command == "check":
+        return check(args.file, cfg, model)
+    return preview(args.file, cfg, model, args.n, args.draw)
 
 
 def run_pairs(args: argparse.Namespace) -> int:
@@ -61,12 +69,8 @@ def run_pairs(args: argparse.Namespace) -> int:
     from workbench.eval.grounding import load_queries
     from workbench.train.pairs import mine_pairs
 
-    for name in ("samples", "batch_size", "max_new_tokens"):
-        if getattr(args, name) < (2 if name == "samples" else 1):
-            raise WorkbenchError(f"--{name.replace('_', '-')}: must be >= {2 if name == 'samples' else 1}, "
-                                 f"got {getattr(args, name)}")
-    if not args.temperature > 0 or not 0 < args.top_p <= 1:
-        raise WorkbenchError(f"--temperature must be > 0 and --top-p in (0, 1], got {args.temperature}, {args.top_p}")
+    if args.top_p > 1:
+        raise WorkbenchError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise WorkbenchError(f"--adapter: {args.adapter} holds no adapter_config.json (a PEFT adapter or SFT run folder)")
     queries = load_queries(args.data, args.image_root)[:args.limit]
@@ -213,10 +217,15 @@ def check(file: str, cfg: Any, model: str | None) -> int:
     return 0
 
 
-def preview(file: str, cfg: Any, model: str | None, n: int) -> int:
+def preview(file: str, cfg: Any, model: str | None, n: int, draw: str | None = None) -> int:
+    from pathlib import Path
+
     from workbench.data.dataset import bad_records_error, build_samples
+    from workbench.data.draw import draw_sample
     from workbench.data.records import load_conversations
     from workbench.errors import ConfigError
+    from workbench.model.checkpoint import resolve_model_dir
+    from workbench.model.config import load_config
     from workbench.model.modeling import IGNORE_INDEX
 
     tokenizer = _tokenizer(model)
@@ -238,6 +247,10 @@ def preview(file: str, cfg: Any, model: str | None, n: int) -> int:
                 out.append(text if s.labels[start] == IGNORE_INDEX else f"{open_}{text}{close}")
                 start = i
         print("".join(out))
+        if draw:
+            image_size = load_config(resolve_model_dir(model)).visual["image_size"]
+            for png in draw_sample(s, tokenizer, image_size, Path(draw)):
+                print(f"drawn: {png}")
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from workbench.cli.args import whole
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -13,11 +15,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                     "configs/demo.yaml, evaluates Acc@0.5 before and after, merges with verification and "
                     "answers one grounding question with the merged model. Needs no download.")
     p.add_argument("--out", help="report folder (default: runs/demo-YYYYmmdd-HHMMSS); must not hold files")
-    p.add_argument("--steps", type=int, help="training steps (default: train.max_steps of configs/demo.yaml)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the data, the base model and training")
+    p.add_argument("--steps", type=whole(1), help="training steps (default: train.max_steps of configs/demo.yaml)")
+    p.add_argument("--seed", type=whole(0), default=0, help="seed of the data, the base model and training")
     p.add_argument("--grpo", action="store_true",
                    help="then GRPO (configs/demo-grpo.yaml) from the SFT adapter, and Acc@0.5 after it")
-    p.add_argument("--grpo-steps", type=int, help="GRPO steps (default: train.max_steps of configs/demo-grpo.yaml)")
+    p.add_argument("--grpo-steps", type=whole(1), help="GRPO steps (default: train.max_steps of configs/demo-grpo.yaml)")
     p.set_defaults(run=run)
 
 

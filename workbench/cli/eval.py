@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from workbench.dtypes import TORCH_DTYPES
+from workbench.cli.args import whole
+from workbench.dtypes import DTYPE_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -23,20 +24,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", default="official",
                    help="'official' (<img>..</img><ref>..</ref><box>, no ChatML), 'chat' (ChatML with the "
                         "grounding template), or a ChatML prompt with <ref-object> (default: official)")
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--max-new-tokens", type=int, default=None,
+    g.add_argument("--batch-size", type=whole(1), default=8)
+    g.add_argument("--max-new-tokens", type=whole(1), default=None,
                    help="default: 28 for --prompt official (the official protocol), 128 for chat prompts")
     g.add_argument("--parser", choices=["robust", "official"], default="robust",
                    help="robust: any box format, prefers the box labelled with the query; official: first (a,b),(c,d)")
     g.add_argument("--divisor", type=int, choices=[1000, 999], default=1000,
                    help="grid -> pixels: 1000 (training data, draw_bbox) or 999 (the official RefCOCO script)")
-    g.add_argument("--limit", type=int, help="evaluate only the first N queries")
-    g.add_argument("--images", type=int, default=16, help="PNGs drawn for the first N queries")
+    g.add_argument("--limit", type=whole(1), help="evaluate only the first N queries")
+    g.add_argument("--images", type=whole(0), default=16, help="PNGs drawn for the first N queries")
     g.add_argument("--out", default="eval_grounding", help="output folder (report.json, samples/*.png)")
     g.add_argument("--overwrite", action="store_true", help="clear an output folder that holds an earlier report")
     g.add_argument("--allow-outside-root", action="store_true",
                    help="allow image paths that lead outside the image root (like data.allow_outside_root)")
-    g.add_argument("--dtype", choices=TORCH_DTYPES, help="default: the config's")
+    g.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the config's")
     g.add_argument("--device", help="default: cuda if available, else cpu")
     g.set_defaults(run=run_grounding)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from workbench.cli.args import whole
+
 GIB = 1024**3
 
 
@@ -16,22 +18,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="run config YAML (model, dtype, adapter, adapter_overrides, ...)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set adapter_overrides.llm.r=16")
-    p.add_argument("--devices", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--devices", type=whole(1), default=None, metavar="N",
                    help="also estimate the memory per device when FSDP / ZeRO-3 shard the run over N devices")
-    p.add_argument("--seq-len", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--seq-len", type=whole(1), default=None, metavar="N",
                    help="also estimate the activations of a micro-batch of N tokens per sample (under the "
                         "config's checkpointing, checkpoint_every and loss_chunk_size)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+    p.add_argument("--batch-size", type=whole(1), default=None, metavar="B",
                    help="samples per micro-batch for --seq-len (default: the config's train.batch_size)")
-    p.add_argument("--images-per-sample", type=int, default=1, metavar="K", help="images per sample for --seq-len")
+    p.add_argument("--images-per-sample", type=whole(0), default=1, metavar="K", help="images per sample for --seq-len")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(run=run)
 
-
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number (1 or more), not {text!r}")
-    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from workbench.dtypes import TORCH_DTYPES
+from workbench.dtypes import DTYPE_NAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base", required=True, help="base model folder or hub repo id")
     p.add_argument("--adapter", required=True, help="PEFT adapter folder (workbench train or finetune.py)")
     p.add_argument("--out", required=True, help="output folder (must not exist unless --overwrite)")
-    p.add_argument("--dtype", choices=TORCH_DTYPES, default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="output dtype (default: keep each base tensor's dtype)")
     p.add_argument("--max-shard-size", default="2GB", help="largest output shard, e.g. 2GB, 500MB")
     p.add_argument("--verify", action="store_true",
@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from workbench.dtypes import TORCH_DTYPES
     from workbench.merge.merge import merge_adapter
 
     report = merge_adapter(args.base, args.adapter, args.out, dtype=TORCH_DTYPES.get(args.dtype),

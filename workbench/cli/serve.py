@@ -7,6 +7,9 @@ import ipaddress
 import os
 import sys
 
+from workbench.cli.args import number, whole
+from workbench.dtypes import DTYPE_NAMES
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a model (+ adapters) over OpenAI's chat-completions API",
@@ -18,27 +21,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a PEFT adapter on the base, requested as model=NAME (repeatable)")
     p.add_argument("--name", help="the base model's name in requests (default: the folder's name or the hub id)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=whole(0, 65535), default=8000)
     p.add_argument("--api-key", default=os.environ.get("WORKBENCH_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $WORKBENCH_API_KEY, else none)")
     p.add_argument("--image-root", help="allow file: image URLs and paths, only inside this folder")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (the server then reaches whatever its network reaches)")
-    p.add_argument("--max-batch", type=int, default=8, help="rows (choices) decoded together (default 8)")
-    p.add_argument("--max-queue", type=int, default=64, help="rows waiting before requests get 503 (default 64)")
-    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+    p.add_argument("--max-batch", type=whole(1), default=8, help="rows (choices) decoded together (default 8)")
+    p.add_argument("--max-queue", type=whole(1), default=64, help="rows waiting before requests get 503 (default 64)")
+    p.add_argument("--batch-wait-ms", type=number(ge=0), default=10.0,
                    help="how long an idle server waits for requests arriving together (default 10)")
-    p.add_argument("--max-model-len", type=int, help="prompt + answer tokens (default: the tokenizer's model_max_length)")
-    p.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
-    p.add_argument("--max-image-bytes", type=int, help="encoded size of one image (default 20 MiB)")
-    p.add_argument("--max-image-pixels", type=int, help="width x height of one image (default 8192 x 8192)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="default: the config's")
+    p.add_argument("--max-model-len", type=whole(1), help="prompt + answer tokens (default: the tokenizer's model_max_length)")
+    p.add_argument("--max-images", type=whole(1), default=8, help="images per request (default 8)")
+    p.add_argument("--max-image-bytes", type=whole(1), help="encoded size of one image (default 20 MiB)")
+    p.add_argument("--max-image-pixels", type=whole(1), help="width x height of one image (default 8192 x 8192)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, help="default: the config's")
     p.add_argument("--device", help="default: cuda if available, else cpu")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--engine", choices=["workbench", "vllm"], default="workbench",
+                   help="vllm: vLLM's OpenAI server from .venv-vllm (`make vllm`) with the workbench's Qwen-VL "
+                        "plugin; --model, --adapter (LLM-only LoRA), --name, --host, --port, --api-key, --dtype, "
+                        "--max-model-len (default: the config's seq_length) and --max-images apply")
+    p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG",
+                   help="with --engine vllm: one more argument for vLLM's server, e.g. --vllm-arg=--tensor-parallel-size "
+                        "--vllm-arg=2 (repeatable)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":
+        from workbench.serve.vllm_launch import launch
+
+        return launch(args)
     from dataclasses import replace
     from pathlib import Path
 
@@ -49,9 +63,6 @@ def run(args: argparse.Namespace) -> int:
     from workbench.serve.models import ServedModel, parse_adapter_specs
     from workbench.serve.server import serve_forever
 
-    for flag in ("max_batch", "max_queue", "max_images", "max_image_bytes", "max_image_pixels"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            raise WorkbenchError(f"--{flag.replace('_', '-')} must be at least 1")
     root = Path(args.image_root) if args.image_root else None
     if root is not None and not root.is_dir():
         raise WorkbenchError(f"--image-root {root}: not a folder")

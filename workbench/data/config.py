@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from workbench.schema import Invalid, build, locator, option, to_plain
 
 
 @dataclass(frozen=True)
 class DataConfig:
+    # The names people bring from transformers, axolotl and LLaMA-Factory -> the workbench's key.
+    ALIASES: ClassVar[dict[str, str]] = {
+        "data_path": "train", "dataset": "train", "train_file": "train", "eval_data_path": "eval",
+        "eval_file": "eval", "validation_file": "eval", "val_set_size": "eval_fraction",
+        "image_folder": "image_root", "image_dir": "image_root", "model_max_length": "max_length",
+        "max_seq_length": "max_length", "cutoff_len": "max_length", "sequence_len": "max_length",
+        "max_len": "max_length", "dataloader_num_workers": "num_workers",
+        "preprocessing_num_workers": "num_workers", "sample_packing": "packing", "chat_template": "template",
+        "learning_rate": "train.lr", "per_device_train_batch_size": "train.batch_size",
+    }
     train: tuple[str, ...] = option(doc="a data file or folder (JSON, JSONL, Parquet), or a list of them")
     eval: tuple[str, ...] = ()
     eval_fraction: float = option(0.0, ge=0, lt=1)  # held out of `train` when `eval` is empty

@@ -39,6 +39,7 @@ import torch
 from transformers import TrainerCallback
 
 from workbench.atomic import write_json
+from workbench.cli.args import number, whole
 
 MARKS = (30, 60, 120, 240, 360, 480, 600)  # seconds of training at which an arm's adapter is kept
 EVAL_IMAGES, EVAL_SEED = 600, 2
@@ -193,14 +194,14 @@ def plot(results: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("report", type=Path)
-    p.add_argument("--seconds", type=float, default=600.0)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seconds", type=number(gt=0), default=600.0)
+    p.add_argument("--lr", type=number(gt=0), default=1e-4)
+    p.add_argument("--seeds", type=whole(0), nargs="+", default=[0])
     arms = ["start", "grpo", "sft", "shuffled", "dpo", "dpo_shuffled"]
     p.add_argument("--arms", nargs="+", default=arms[:4], choices=arms)
     p.add_argument("--grpo-set", nargs="*", default=[], help="--set overrides for the GRPO arms (grpo.temperature=0.7)")
     p.add_argument("--dpo-set", nargs="*", default=[], help="--set overrides for the DPO arms (dpo.beta=0.5)")
-    p.add_argument("--marks", type=int, nargs="+", default=list(MARKS), help="seconds at which adapters are kept")
+    p.add_argument("--marks", type=whole(1), nargs="+", default=list(MARKS), help="seconds at which adapters are kept")
     p.add_argument("--tag", default="", help="suffix of the arms' folders and names (a second setting)")
     args = p.parse_args(argv)
     path = args.report / "grpo_bench.json"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-import workbench
+from workbench.builtin import builtin_dir
 from workbench.errors import WorkbenchError
 
-DEMO_CONFIG = Path(workbench.__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEMO_CONFIG = builtin_dir("configs") / "demo.yaml"
 GRPO_CONFIG = DEMO_CONFIG.with_name("demo-grpo.yaml")
 DPO_CONFIG = DEMO_CONFIG.with_name("demo-dpo.yaml")
 # 224 px with 14 px patches is a 16 x 16 grid: one patch per resampler query (tiny_vision.py).

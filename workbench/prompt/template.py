@@ -11,10 +11,11 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from workbench.builtin import builtin_dir
 from workbench.errors import ConfigError
 from workbench.schema import Invalid, build, locator, option, read_yaml
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "data_templates"
+TEMPLATE_DIR = builtin_dir("templates")
 
 
 @dataclass(frozen=True)

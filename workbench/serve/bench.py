@@ -25,6 +25,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
+from workbench.cli.args import whole
+
 
 def run_clients(url: str, workload: list[list[dict]], timeout_s: float = 300.0, api_key: str = "unused"
                 ) -> tuple[list[list], list[float]]:
@@ -116,12 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--requests", type=int, default=4)
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--clients", type=whole(1), default=32)
+    p.add_argument("--requests", type=whole(1), default=4)
+    p.add_argument("--max-tokens", type=whole(1), default=32)
+    p.add_argument("--max-batch", type=whole(1), default=8)
     p.add_argument("--image", help="a PNG sent with every question")
-    p.add_argument("--threads", type=int, help="the server's torch CPU threads (OMP_NUM_THREADS; default: torch's)")
+    p.add_argument("--threads", type=whole(1), help="the server's torch CPU threads (OMP_NUM_THREADS; default: torch's)")
     p.add_argument("--dtype")
     p.add_argument("--device")
     args = p.parse_args(argv)

@@ -12,11 +12,11 @@ from __future__ import annotations
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from workbench.adapters.recipe import Recipe, load_recipe
+from workbench.adapters.recipe import Recipe, is_recipe_file, load_recipe
 from workbench.data.config import DataConfig
 from workbench.dtypes import PRECISION_FLAGS, Dtype
 from workbench.errors import ConfigError
@@ -55,9 +55,30 @@ class GroundingEval:
     images: int = option(4, ge=0)       # PNGs drawn per evaluation (first N queries)
 
 
+# Names other tools (transformers, PEFT, axolotl, LLaMA-Factory) use for what another section of a
+# run config holds: the dotted key from the top of the file, for "did you mean".
+ELSEWHERE = {
+    "model_max_length": "data.max_length", "max_seq_length": "data.max_length", "cutoff_len": "data.max_length",
+    "sequence_len": "data.max_length", "lora_r": "adapter_overrides.llm.r", "lora_rank": "adapter_overrides.llm.r",
+    "lora_alpha": "adapter_overrides.llm.alpha", "lora_dropout": "adapter_overrides.llm.dropout",
+    "lora_target": "adapter_overrides.llm.modules", "lora_target_modules": "adapter_overrides.llm.modules",
+    "target_modules": "adapter_overrides.llm.modules",
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The `train:` section. Defaults are the official LoRA settings (docs/qwen-vl.md, finetune.py)."""
+
+    # The names people bring from transformers, PEFT, axolotl and LLaMA-Factory -> the workbench's key.
+    ALIASES: ClassVar[dict[str, str]] = {
+        "learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs",
+        "per_device_train_batch_size": "batch_size", "micro_batch_size": "batch_size",
+        "per_device_eval_batch_size": "eval_batch_size", "lr_scheduler_type": "schedule",
+        "lr_scheduler": "schedule", "optim": "optimizer", "bf16": "precision", "fp16": "precision",
+        "max_steps_per_epoch": "max_steps", "early_stopping": "early_stopping_patience",
+        **ELSEWHERE,
+    }
 
     output_dir: str = option(doc="the folder for the adapter and run record")
     # optimisation
@@ -177,6 +198,14 @@ class DPOConfig:
 class RunFile:
     """The top level of a run config file: every key a YAML file may hold, declared once."""
 
+    ALIASES: ClassVar[dict[str, str]] = {
+        "model_name_or_path": "model", "base_model": "model", "torch_dtype": "dtype", "recipe": "adapter",
+        "learning_rate": "train.lr", "lr": "train.lr", "num_train_epochs": "train.epochs",
+        "per_device_train_batch_size": "train.batch_size", "output_dir": "train.output_dir",
+        "data_path": "data.train", "dataset": "data.train", "train_file": "data.train",
+        **ELSEWHERE,
+    }
+
     model: str = option(doc="a Qwen-VL-Chat folder or hub id")
     adapter: str = option(doc="a recipe name in adapters/ or a path to a recipe YAML")
     data: DataConfig = option(doc="the data section")
@@ -266,6 +295,13 @@ def _method_sections(top: RunFile, source: str) -> dict[str, Any]:
     return out
 
 
+def _recipe_beside_config(raw: dict[str, Any], path: Path) -> None:
+    """A recipe given by a relative path in a config file lies beside that file (a `--set` path is cwd's)."""
+    adapter = raw.get("adapter")
+    if isinstance(adapter, str) and is_recipe_file(adapter) and not Path(adapter).is_absolute():
+        raw["adapter"] = str(path.parent / adapter)
+
+
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     """Read a run config YAML, apply `--set` overrides and validate every section."""
     source = str(path)
@@ -274,6 +310,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of run settings (model, adapter, data, train, ...)")
+    _recipe_beside_config(raw, Path(source))
     overrides = list(overrides or [])
     raw = apply_overrides(raw, overrides, source)
     top = build(RunFile, raw, locator(source))

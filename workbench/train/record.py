@@ -14,7 +14,7 @@ import yaml
 
 import workbench
 from workbench.atomic import write_text
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 from workbench.run_folder import METRICS_NAME, PLOT_NAME, RECORD_NAME, checkpoints, data_fingerprint
 from workbench.train.config import RunFile
 
@@ -53,7 +53,33 @@ def check_output_dir(output_dir: Path, *, resume: bool) -> Path | None:
     except OSError as err:
         raise WorkbenchError(f"train.output_dir: cannot create or write {output_dir}: "
                              f"{err.strerror or err}") from None
-    return found[-1] if resume else None
+    if resume:
+        check_pickled_files(found[-1])
+        return found[-1]
+    return None
+
+
+def check_pickled_files(checkpoint: Path) -> None:
+    """Load each pickled file of a checkpoint the way the Trainer will on resume, naming the one refused.
+
+    The Trainer loads rng_state*.pth, optimizer.pt, scheduler.pt and scaler.pt with torch's
+    weights-only unpickler and transformers' allow-list; a file holding other Python objects then
+    fails deep inside `train()` with an error that names no file. Mapped (mmap), so no tensor bytes
+    are read here.
+    """
+    import pickle
+
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    for path in sorted(p for p in checkpoint.iterdir() if p.suffix in (".pt", ".pth")):
+        try:
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise WorkbenchError(f"--resume: {path}: refused ({first_line(err)}); the checkpoint's files must hold "
+                                 "only tensors and plain values: resume from an earlier checkpoint-N "
+                                 "or start a new run") from None
 
 
 # Keys that shape the learning-rate schedule or the data order: a resumed run must keep them.
