@@ -28,16 +28,18 @@ def whole(low: int = 1, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
-def number(gt: float | None = None, ge: float | None = None) -> Callable[[str], float]:
-    """A finite number above `gt` (or at least `ge`)."""
-    want = "a number" + (f" > {gt:g}" if gt is not None else "") + (f" >= {ge:g}" if ge is not None else "")
+def number(gt: float | None = None, ge: float | None = None, le: float | None = None) -> Callable[[str], float]:
+    """A finite number above `gt` (or at least `ge`), and at most `le`."""
+    want = "a number" + "".join(f" {op} {bound:g}" for op, bound in ((">", gt), (">=", ge), ("<=", le))
+                                if bound is not None)
 
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             value = math.nan
-        if not math.isfinite(value) or (gt is not None and value <= gt) or (ge is not None and value < ge):
+        if (not math.isfinite(value) or (gt is not None and value <= gt) or (ge is not None and value < ge)
+                or (le is not None and value > le)):
             raise argparse.ArgumentTypeError(f"expected {want}, not {text!r}")
         return value
 

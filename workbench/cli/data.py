@@ -39,7 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", required=True, help="the pairs file to write (JSONL), in a folder above the images")
     q.add_argument("--samples", type=whole(2), default=8, help="answers sampled per question (default 8)")
     q.add_argument("--temperature", type=number(gt=0), default=1.0)
-    q.add_argument("--top-p", type=number(gt=0), default=1.0)
+    q.add_argument("--top-p", type=number(gt=0, le=1), default=1.0)
     q.add_argument("--max-new-tokens", type=whole(1), default=64)
     q.add_argument("--batch-size", type=whole(1), default=8, help="questions per generate call")
     q.add_argument("--image-root", help="the data's image root (the pairs file then names images as the data does)")
@@ -69,8 +69,6 @@ def run_pairs(args: argparse.Namespace) -> int:
     from workbench.eval.grounding import load_queries
     from workbench.train.pairs import mine_pairs
 
-    if args.top_p > 1:
-        raise WorkbenchError(f"--top-p: expected a number in (0, 1], got {args.top_p}")
     if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise WorkbenchError(f"--adapter: {args.adapter} holds no adapter_config.json (a PEFT adapter or SFT run folder)")
     queries = load_queries(args.data, args.image_root)[:args.limit]

@@ -31,8 +31,3 @@ def run(args: argparse.Namespace) -> int:
         print(text, end="")
     return 0
 
-
-if __name__ == "__main__":  # `python -m workbench.cli.schema run`, until `schema` is in cli/main.py's COMMANDS
-    parser = argparse.ArgumentParser(prog="workbench")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    raise SystemExit(run(parser.parse_args(["schema", *__import__("sys").argv[1:]])))
