@@ -67,17 +67,26 @@ def check_adapter(name: str, folder: Path) -> int:
         raise CheckpointError(f"{where}: not a PEFT adapter folder (no adapter_config.json)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{where}: adapter_config.json is not valid JSON ({err})") from None
-    targets = config.get("target_modules") or []
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    outside = [t for t in targets if "visual" in t or not t.endswith(LLM_LORA_TARGETS)]
-    why = (f"it adapts {outside[0]}" + (f" and {len(outside) - 1} more modules outside the LLM" if len(outside) > 1
-                                        else "") if outside
-           else "it trains whole modules (modules_to_save)" if config.get("modules_to_save")
-           else "it uses DoRA" if config.get("use_dora") else None)
+    why = _not_servable(config)
     if why:
         raise WorkbenchError(f"{where}: vLLM serves LoRA on the LLM's linear layers only, and {why}; merge it "
                              "into the base (`workbench merge --base B --adapter A --out M`) and serve M")
     return int(config.get("r", 8))
+
+
+def _not_servable(config: dict) -> str | None:
+    """Why vLLM's LoRA cannot serve an adapter (its adapter_config.json), or None."""
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    outside = [t for t in targets if "visual" in t or not t.endswith(LLM_LORA_TARGETS)]
+    if outside:
+        more = f" and {len(outside) - 1} more modules outside the LLM" if len(outside) > 1 else ""
+        return f"it adapts {outside[0]}{more}"
+    if config.get("modules_to_save"):
+        return "it trains whole modules (modules_to_save)"
+    if config.get("use_dora"):
+        return "it uses DoRA"
+    return None
 
 
 def vllm_command(args, config: dict, serving: Path, adapters: dict[str, Path], ranks: list[int]) -> list[str]:
