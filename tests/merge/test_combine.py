@@ -224,3 +224,19 @@ def test_cli_combines_and_names_every_adapter(pair, tiny_base, tmp_path, capsys)
                  "--weights", "0.6", "--out", str(tmp_path / "bad")])
     assert code == 2 and "--weights: 1 weights for 2 adapters" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_missing_device_is_refused_before_writing(pair, tiny_base, tmp_path):
+    _refused(lambda: merge_adapters(tiny_base, pair, tmp_path / "out", device="cuda"), r"--device cuda: ", tmp_path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("method", ["cat", "ties"])
+def test_merge_maths_on_cuda_equal_cpu(method, pair, tiny_base, tmp_path):
+    combine = Combine(method, (0.6, 0.4), 0.5 if method == "ties" else None)
+    merge_adapters(tiny_base, pair, tmp_path / "cpu", combine=combine)
+    merge_adapters(tiny_base, pair, tmp_path / "cuda", combine=combine, device="cuda")
+    cpu, cuda = merged_state(tmp_path / "cpu"), merged_state(tmp_path / "cuda")
+    for key, tensor in cpu.items():
+        torch.testing.assert_close(cuda[key], tensor, rtol=0, atol=1e-5, msg=key)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from workbench.atomic import write_json
 from workbench.dtypes import FLAG_DTYPES, dtype_flag
-from workbench.errors import CheckpointError, WorkbenchError
+from workbench.errors import CheckpointError, WorkbenchError, first_line
 from workbench.merge.adapter import Adapter, LoraDelta, read_adapter
 from workbench.merge.combine import Combine, combine_adapters, model_key_order
 from workbench.merge.export import write_adapter_files, write_combined_adapter
@@ -79,6 +79,7 @@ def merge_adapters(base: str | Path, adapters: Sequence[str | Path], out: str | 
         raise WorkbenchError(f"--max-shard-size: {err}") from None
     base_dir = checkpoint.resolve_model_dir(base)
     adapter_dirs, out = [Path(a) for a in adapters], Path(out)
+    device = str(merge_device(device))
     if combine is None and len(adapter_dirs) > 1:
         combine = Combine()
     if combine is not None:
@@ -116,6 +117,14 @@ def merge_adapters(base: str | Path, adapters: Sequence[str | Path], out: str | 
     return report
 
 
+def merge_device(name: str | torch.device) -> torch.device:
+    """The device the merge maths run on, with its index (`cuda` -> `cuda:0`); refused if absent."""
+    try:
+        return torch.empty(0, device=name).device
+    except (RuntimeError, AssertionError) as err:
+        raise WorkbenchError(f"--device {name}: {first_line(err)}") from None
+
+
 def _verify(base_dir: Path, lora: Adapter, sources: list[Adapter], combine: Combine | None, merged: Path,
             device: str) -> dict:
     """--verify against PEFT: the adapter itself, or the combined adapter written out for PEFT to load."""
@@ -139,8 +148,6 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     GIL), which also pulls it into the page cache, so the merge reads it from memory. Base files
     are mapped, not read (`mmap=True`); the writer streams each tensor to its shard as it comes, so
     the process holds the mapped input file, the tensor being merged and `Scratch`'s buffers.
-    A merged file's pages are then dropped from the page cache: freeing clean pages outright
-    costs the kernel far less than reclaiming them under the pressure of 19 GB streaming through.
     """
     files = checkpoint.shard_files(base_dir)
     names = [str(path.relative_to(base_dir)) for path, _ in files]
@@ -174,23 +181,13 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
                     done[key] = action
                 del tensor
             del shard
-            if writing is not None:  # the file's last tensor may be a view of its mapping
-                writing.result()
-            _drop_from_page_cache(path)
+        if writing is not None:
+            writing.result()
     writer.close()
     missing = (set(lora.deltas) | set(lora.bias_deltas) | set(lora.replacements)) - set(done)
     if missing:  # weight_map and the shards disagree: the base folder is inconsistent
         raise CheckpointError(f"{base_dir}: keys {sorted(missing)} are in the index but in no shard")
     return done
-
-
-def _drop_from_page_cache(path: Path) -> None:
-    if hasattr(os, "posix_fadvise"):  # Linux; elsewhere the kernel reclaims as usual
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 class Scratch:
@@ -208,20 +205,21 @@ class Scratch:
         self._turn = 0
 
     def work(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        self._work = self._fit(self._work, shape, torch.float32, device)
+        if not _fits(self._work, shape, torch.float32, device):
+            self._work = None  # the old buffer goes before the new one exists
+            self._work = allocate(shape.numel(), torch.float32, device)
         return self._work[:shape.numel()].view(shape)
 
     def out(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         self._turn ^= 1
-        self._outs[self._turn] = self._fit(self._outs[self._turn], shape, dtype, torch.device("cpu"))
+        if not _fits(self._outs[self._turn], shape, dtype, torch.device("cpu")):
+            self._outs[self._turn] = None
+            self._outs[self._turn] = allocate(shape.numel(), dtype, torch.device("cpu"))
         return self._outs[self._turn][:shape.numel()].view(shape)
 
-    @staticmethod
-    def _fit(buffer: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        if buffer is None or buffer.dtype != dtype or buffer.device != device or buffer.numel() < shape.numel():
-            buffer = None  # free the old one before the new one exists
-            buffer = allocate(shape.numel(), dtype, device)
-        return buffer
+
+def _fits(buffer: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
+    return buffer is not None and buffer.dtype == dtype and buffer.device == device and buffer.numel() >= shape.numel()
 
 
 def allocate(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
