@@ -121,9 +121,12 @@ def timed_read(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def timed_child(code: str, evict_paths: list[Path], source: Path | None = None) -> tuple[float, float]:
+def timed_child(code: str, evict_paths: list[Path], source: Path | None = None,
+                cpu: dict | None = None) -> tuple[float, float]:
     """(seconds, peak RSS in bytes) of `python -c code`, from a cold cache, synced at the end;
-    with `source`, the workbench imported from that source tree (an earlier version)."""
+    with `source`, the workbench imported from that source tree (an earlier version). `cpu`
+    receives the child's CPU seconds (user + system, all threads): on shared cores the work done
+    compares better than the wall time, which depends on what else runs."""
     evict(evict_paths)
     env = {**os.environ, "PYTHONPATH": str(source)} if source is not None else None
     start = time.perf_counter()
@@ -133,6 +136,8 @@ def timed_child(code: str, evict_paths: list[Path], source: Path | None = None) 
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"child failed ({os.waitstatus_to_exitcode(status)}): {code}")
+    if cpu is not None:
+        cpu.update(user_s=usage.ru_utime, system_s=usage.ru_stime)
     return seconds, usage.ru_maxrss * 1024
 
 
@@ -186,12 +191,15 @@ def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None)
     merged = folder / "merged"
     code = MERGE_CODE.format(base=str(base), adapter=str(adapter), out=str(merged))
     if before is not None:
-        results["before_merge_s"], results["before_merge_rss"] = timed_child(code, base_files, before)
+        results["before_merge_cpu"] = {}
+        results["before_merge_s"], results["before_merge_rss"] = timed_child(code, base_files, before,
+                                                                             results["before_merge_cpu"])
         results.update({f"before_{k}": v for k, v in check_merge(base, adapter, merged).items()})
         results["before_merge_over_copy"] = results["before_merge_s"] / results["copy_s"]
         shutil.rmtree(merged)
         results["load_average"]["after_before_merge"] = os.getloadavg()
-    results["merge_s"], results["merge_rss"] = timed_child(code, base_files)
+    results["merge_cpu"] = {}
+    results["merge_s"], results["merge_rss"] = timed_child(code, base_files, cpu=results["merge_cpu"])
     results.update(check_merge(base, adapter, merged))
     results["load_average"]["after_merge"] = os.getloadavg()
     if not keep:
@@ -208,16 +216,20 @@ def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None)
 
 def format_results(r: dict) -> str:
     gb = 1e9
+    def cpu(c: dict) -> str:
+        return f"CPU {c['user_s'] + c['system_s']:.1f} s (user {c['user_s']:.1f}, system {c['system_s']:.1f})"
+
     before = [f"merge before {r['before_merge_s']:7.1f} s  = {r['before_merge_over_copy']:.2f}x copy   peak RSS "
-              f"{r['before_merge_rss'] / gb:.2f} GB; by hand: {r['before_probe_equal']}, untouched bit-equal: "
-              f"{r['before_untouched_bit_equal']}"] if "before_merge_s" in r else []
+              f"{r['before_merge_rss'] / gb:.2f} GB; {cpu(r['before_merge_cpu'])}; by hand: {r['before_probe_equal']}, "
+              f"untouched bit-equal: {r['before_untouched_bit_equal']}"] if "before_merge_s" in r else []
     loads = "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}" for k, v in r.get("load_average", {}).items())
     return "\n".join([
         f"release: {r['files']} files, {r['weight_bytes'] / gb:.2f} GB (largest {r['largest_shard_bytes'] / gb:.2f} GB)",
         f"load averages (1, 5, 15 min): {loads}",
         f"copy   {r['copy_s']:7.1f} s",
         *before,
-        f"merge  {r['merge_s']:7.1f} s  = {r['merge_over_copy']:.2f}x copy   peak RSS {r['merge_rss'] / gb:.2f} GB "
+        f"merge  {r['merge_s']:7.1f} s  = {r['merge_over_copy']:.2f}x copy   {cpu(r['merge_cpu'])}; "
+        f"peak RSS {r['merge_rss'] / gb:.2f} GB "
         f"(largest shard + 2 GB = {(r['largest_shard_bytes'] + 2e9) / gb:.2f} GB); "
         f"merged LoRA tensor equal to W + scale BA by hand: {r['probe_equal']}, "
         f"untouched tensor bit-equal: {r['untouched_bit_equal']}",
