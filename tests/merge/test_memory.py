@@ -1,7 +1,7 @@
 """Peak memory of a merge is about one shard, not the model.
 
-The loader, the writer and the merge's scratch buffers are instrumented: every tensor a weight file
-is loaded into, every scratch buffer and every tensor handed to `ShardWriter.add` is tracked with a weakref finalizer until it is freed, and the
+The loader and the writer are instrumented: every tensor a weight file is loaded into and every
+tensor handed to `ShardWriter.add` is tracked with a weakref finalizer until it is freed, and the
 peak of the live bytes is recorded (the writer streams each tensor to disk and keeps none). That counts exactly what the merge keeps
 alive, unaffected by other processes on a shared machine (RSS is not: allocator caches, page
 cache). A deliberately leaky merge checks that the measurement does see a leak.
@@ -47,23 +47,15 @@ def _instrument(monkeypatch, tracker: LiveTensors) -> None:
             tracker.track(tensor)
             super().add(name, tensor)
 
-    real_allocate = merge_mod.allocate
-
-    def allocate(numel, dtype, device):
-        buffer = real_allocate(numel, dtype, device)
-        tracker.track(buffer)
-        return buffer
-
     monkeypatch.setattr(merge_mod.checkpoint, "load_weight_file", load_weight_file)
     monkeypatch.setattr(merge_mod, "ShardWriter", Writer)
-    monkeypatch.setattr(merge_mod, "allocate", allocate)
 
 
 @pytest.fixture(scope="module")
 def sharded_base(tmp_path_factory):
     from workbench.demo.tiny import make_tiny_model_dir
 
-    tiny = make_tiny_model_dir(tmp_path_factory.mktemp("deep") / "tiny", num_hidden_layers=12)  # deep enough that one shard + scratch is far from the model
+    tiny = make_tiny_model_dir(tmp_path_factory.mktemp("deep") / "tiny", num_hidden_layers=6)
     sharded = tmp_path_factory.mktemp("sharded") / "base"
     checkpoint.save_model(dict(next(checkpoint.iter_shards(tiny))[1]), sharded, max_shard_size=SHARD)
     checkpoint.copy_non_weight_files(tiny, sharded)
@@ -83,14 +75,10 @@ def test_peak_memory_is_about_one_shard(adapters, sharded_base, tmp_path, monkey
     adapter = adapters("llm")  # built before instrumenting: building it loads a whole model
     tracker = LiveTensors()
     _instrument(monkeypatch, tracker)
-    # The 2-layer adapter fits the first two blocks of this 12-layer base (different fingerprint).
-    report = merge_adapter(sharded_base, adapter, tmp_path / "out", force=True, max_shard_size=SHARD)
-    specs = {s.name: s.nbytes for s in checkpoint.tensor_specs(sharded_base)}
-    largest_lora = max(specs[m["key"]] for m in report["merged_modules"])
-    # the input shard + the merged tensor being written + the next one being merged + the scratch
-    # buffers, sized by the largest LoRA weight (float32 work, two outputs; merged LoRA tensors
-    # are views of the outputs, so they are counted twice)
-    bound = in_shard + 2 * largest + 3 * largest_lora
+    # The 2-layer adapter fits the first two blocks of this 6-layer base (different fingerprint).
+    merge_adapter(sharded_base, adapter, tmp_path / "out", force=True, max_shard_size=SHARD)
+    # the input shard + the merged tensor being written + the next one being merged
+    bound = in_shard + 2 * largest
     assert 0 < tracker.peak <= bound, (tracker.peak, bound)
     assert bound < model_bytes / 4, (bound, model_bytes)  # far from "the whole model"
 

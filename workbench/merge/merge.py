@@ -147,7 +147,7 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     One pass over the base: while file i is merged, a thread hashes file i+1 (sha256 releases the
     GIL), which also pulls it into the page cache, so the merge reads it from memory. Base files
     are mapped, not read (`mmap=True`); the writer streams each tensor to its shard as it comes, so
-    the process holds the mapped input file, the tensor being merged and `Scratch`'s buffers.
+    the process holds the mapped input file and the tensor being merged, nothing more.
     """
     files = checkpoint.shard_files(base_dir)
     names = [str(path.relative_to(base_dir)) for path, _ in files]
@@ -155,7 +155,6 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     specs = [replace(s, dtype=_out_dtype(s.dtype, dtype)) for s in checkpoint.tensor_specs(base_dir)]
     writer = ShardWriter(out_dir, specs, max_shard_size)
     lora = _to_device(lora, device)
-    scratch = Scratch()
     done: dict[str, str] = {}
     bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="merging",
                disable=len(files) < 2)
@@ -171,7 +170,7 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
             shard = checkpoint.load_weight_file(path, mmap=True)
             for key in keys:
                 # pop: hold no reference of our own, so each mapped input tensor goes once written
-                tensor, action = merge_tensor(key, shard.pop(key), lora, dtype, device, scratch)
+                tensor, action = merge_tensor(key, shard.pop(key), lora, dtype, device)
                 checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
                 if writing is not None:
                     writing.result()
@@ -190,43 +189,6 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     return done
 
 
-class Scratch:
-    """Buffers reused from tensor to tensor by the LoRA maths.
-
-    A fresh 200 MB tensor costs its page faults on first touch, as much CPU time as the maths
-    on it (BENCHMARKS.md); reused buffers are already mapped. `work` holds the float32 W + ΔW;
-    two output buffers take turns, because the writer thread still reads merged tensor k while
-    k+1 is computed (stream_merge waits for k's write before it hands over k+1, so k+2 may reuse k's).
-    """
-
-    def __init__(self) -> None:
-        self._work: torch.Tensor | None = None
-        self._outs: list[torch.Tensor | None] = [None, None]
-        self._turn = 0
-
-    def work(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
-        if not _fits(self._work, shape, torch.float32, device):
-            self._work = None  # the old buffer goes before the new one exists
-            self._work = allocate(shape.numel(), torch.float32, device)
-        return self._work[:shape.numel()].view(shape)
-
-    def out(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        self._turn ^= 1
-        if not _fits(self._outs[self._turn], shape, dtype, torch.device("cpu")):
-            self._outs[self._turn] = None
-            self._outs[self._turn] = allocate(shape.numel(), dtype, torch.device("cpu"))
-        return self._outs[self._turn][:shape.numel()].view(shape)
-
-
-def _fits(buffer: torch.Tensor | None, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> bool:
-    return buffer is not None and buffer.dtype == dtype and buffer.device == device and buffer.numel() >= shape.numel()
-
-
-def allocate(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A scratch buffer (a function of its own so that the memory test can count it)."""
-    return torch.empty(numel, dtype=dtype, device=device)
-
-
 def _to_device(lora: Adapter, device: str | torch.device) -> Adapter:
     """The adapter with its LoRA factors in float32 on the merge's device, moved once."""
     device = torch.device(device)
@@ -241,12 +203,8 @@ def _out_dtype(base: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
 
 
 def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter, dtype: torch.dtype | None,
-                 device: str | torch.device = "cpu", scratch: Scratch | None = None) -> tuple[torch.Tensor, str | None]:
-    """(merged tensor on the CPU, action or None) for one base tensor.
-
-    With `scratch`, a merged LoRA weight is a view of one of its two output buffers: valid until
-    the second merge_tensor call after this one.
-    """
+                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, str | None]:
+    """(merged tensor on the CPU, action or None) for one base tensor; LoRA maths on `device`."""
     out_dtype = _out_dtype(tensor.dtype, dtype)
     if key in lora.replacements:
         new = lora.replacements[key]
@@ -255,36 +213,24 @@ def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter, dtype: torch.dty
                                   f"base has {tuple(tensor.shape)}")
         return new.to(out_dtype), "trained"
     if key in lora.deltas:
-        merged = _apply_delta(key, tensor, lora.deltas[key], lora, torch.device(device), scratch)
-        if scratch is None:
-            return merged.to("cpu", out_dtype), "lora"
-        out = scratch.out(tensor.shape, out_dtype)
-        # On the CPU copy_ casts as it copies; on a GPU the cast runs there and half the bytes cross.
-        out.copy_(merged if merged.device.type == "cpu" else merged.to(out_dtype))
-        return out, "lora"
+        # cast where the maths ran: from a GPU, half the bytes come back
+        return _apply_delta(key, tensor, lora.deltas[key], lora, torch.device(device)).to(out_dtype).cpu(), "lora"
     if key in lora.bias_deltas:
-        return (tensor.float() + lora.bias_deltas[key].cpu()).to(out_dtype), "lora_bias"
+        return (tensor.float() + lora.bias_deltas[key]).to(out_dtype), "lora_bias"
     return tensor.to(out_dtype), None
 
 
-def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter, device: torch.device,
-                 scratch: Scratch | None) -> torch.Tensor:
+def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter, device: torch.device) -> torch.Tensor:
     # B.flatten(1) @ A.flatten(1) covers nn.Linear ([out,r] @ [r,in]) and PEFT's Conv2d LoRA
     # (1x1 B, A with the layer's kernel), whose product reshapes to the weight's shape.
     B, A = delta.B.to(device, torch.float32).flatten(1), delta.A.to(device, torch.float32).flatten(1)
     if B.shape[0] * A.shape[1] != weight.numel():
         raise CheckpointError(f"{lora.where}: LoRA on '{delta.module}' gives a delta of "
                               f"{(B.shape[0], A.shape[1])} for '{key}' of shape {tuple(weight.shape)}")
-    # One float32 copy of W (never written into the mapped base tensor), then W + scale * (B @ A)
-    # in place: addmm_ adds the product as it computes it.
-    if scratch is None:
-        merged = weight.to(device, torch.float32, copy=True)
-    else:
-        merged = scratch.work(weight.shape, device)
-        merged.copy_(weight)
+    merged = weight.to(device, torch.float32, copy=True)  # never written into the (mapped) base tensor
     # lora_embedding_A [r, vocab], B [dim, r]: the product is W^T's shape
     target = merged.view(A.shape[1], B.shape[0]).T if delta.embedding else merged.view(B.shape[0], A.shape[1])
-    target.addmm_(B, A, alpha=delta.scale)
+    target.addmm_(B, A, alpha=delta.scale)  # W + scale * (B @ A), in place: one float32 copy of W, no more
     if delta.magnitude is not None:
         # DoRA: each output row is rescaled to the learned magnitude over the norm of W + ΔW
         merged = (delta.magnitude.to(device, torch.float32) / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
