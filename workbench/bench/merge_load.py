@@ -121,16 +121,23 @@ def timed_read(folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def timed_child(code: str, evict_paths: list[Path]) -> tuple[float, float]:
-    """(seconds, peak RSS in bytes) of `python -c code`, from a cold cache, synced at the end."""
+def timed_child(code: str, evict_paths: list[Path], source: Path | None = None,
+                cpu: dict | None = None) -> tuple[float, float]:
+    """(seconds, peak RSS in bytes) of `python -c code`, from a cold cache, synced at the end;
+    with `source`, the workbench imported from that source tree (an earlier version). `cpu`
+    receives the child's CPU seconds (user + system, all threads): on shared cores the work done
+    compares better than the wall time, which depends on what else runs."""
     evict(evict_paths)
+    env = {**os.environ, "PYTHONPATH": str(source)} if source is not None else None
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code])
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     os.sync()
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"child failed ({os.waitstatus_to_exitcode(status)}): {code}")
+    if cpu is not None:
+        cpu.update(user_s=usage.ru_utime, system_s=usage.ru_stime)
     return seconds, usage.ru_maxrss * 1024
 
 
@@ -163,8 +170,12 @@ LOAD_CODE = ("import time; from workbench import load_model; t = time.perf_count
 IMPORT_CODE = "import workbench, workbench.merge, torch"
 
 
-def run_merge_load(folder: Path, keep: bool = False) -> dict:
-    """Write (or reuse) the random release and adapter under `folder`, time everything, return a dict."""
+def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None) -> dict:
+    """Write (or reuse) the random release and adapter under `folder`, time everything, return a dict.
+
+    With `before` (a source tree of an earlier workbench, e.g. `git archive` of main), its merge is
+    timed too, right after the copy and before the current merge, and checked by hand the same way.
+    """
     base = write_release(folder / "base")
     adapter = write_adapter(folder / "adapter")
     base_files = weight_files(base)
@@ -172,17 +183,30 @@ def run_merge_load(folder: Path, keep: bool = False) -> dict:
     largest = max(p.stat().st_size for p in base_files)
     results: dict = {"weight_bytes": weight_bytes, "largest_shard_bytes": largest, "files": len(base_files)}
 
+    results["load_average"] = {"start": os.getloadavg()}
     results["import_s"], results["import_rss"] = timed_child(IMPORT_CODE, [])
     results["copy_s"] = timed_copy(base, folder / "copy")
     shutil.rmtree(folder / "copy")  # disk: the release fits three times on a 73 GB disk, not four
+    results["load_average"]["after_copy"] = os.getloadavg()
     merged = folder / "merged"
     code = MERGE_CODE.format(base=str(base), adapter=str(adapter), out=str(merged))
-    results["merge_s"], results["merge_rss"] = timed_child(code, base_files)
+    if before is not None:
+        results["before_merge_cpu"] = {}
+        results["before_merge_s"], results["before_merge_rss"] = timed_child(code, base_files, before,
+                                                                             results["before_merge_cpu"])
+        results.update({f"before_{k}": v for k, v in check_merge(base, adapter, merged).items()})
+        results["before_merge_over_copy"] = results["before_merge_s"] / results["copy_s"]
+        shutil.rmtree(merged)
+        results["load_average"]["after_before_merge"] = os.getloadavg()
+    results["merge_cpu"] = {}
+    results["merge_s"], results["merge_rss"] = timed_child(code, base_files, cpu=results["merge_cpu"])
     results.update(check_merge(base, adapter, merged))
+    results["load_average"]["after_merge"] = os.getloadavg()
     if not keep:
         shutil.rmtree(merged)
     results["read_s"] = timed_read(base)
     results["load_s"], results["load_rss"] = timed_child(LOAD_CODE.format(base=str(base)), base_files)
+    results["load_average"]["end"] = os.getloadavg()
     results["merge_over_copy"] = results["merge_s"] / results["copy_s"]
     results["load_over_read"] = results["load_s"] / results["read_s"]
     results["merge_rss_over_bound"] = results["merge_rss"] / (largest + 2e9)
@@ -192,10 +216,20 @@ def run_merge_load(folder: Path, keep: bool = False) -> dict:
 
 def format_results(r: dict) -> str:
     gb = 1e9
+    def cpu(c: dict) -> str:
+        return f"CPU {c['user_s'] + c['system_s']:.1f} s (user {c['user_s']:.1f}, system {c['system_s']:.1f})"
+
+    before = [f"merge before {r['before_merge_s']:7.1f} s  = {r['before_merge_over_copy']:.2f}x copy   peak RSS "
+              f"{r['before_merge_rss'] / gb:.2f} GB; {cpu(r['before_merge_cpu'])}; by hand: {r['before_probe_equal']}, "
+              f"untouched bit-equal: {r['before_untouched_bit_equal']}"] if "before_merge_s" in r else []
+    loads = "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}" for k, v in r.get("load_average", {}).items())
     return "\n".join([
         f"release: {r['files']} files, {r['weight_bytes'] / gb:.2f} GB (largest {r['largest_shard_bytes'] / gb:.2f} GB)",
+        f"load averages (1, 5, 15 min): {loads}",
         f"copy   {r['copy_s']:7.1f} s",
-        f"merge  {r['merge_s']:7.1f} s  = {r['merge_over_copy']:.2f}x copy   peak RSS {r['merge_rss'] / gb:.2f} GB "
+        *before,
+        f"merge  {r['merge_s']:7.1f} s  = {r['merge_over_copy']:.2f}x copy   {cpu(r['merge_cpu'])}; "
+        f"peak RSS {r['merge_rss'] / gb:.2f} GB "
         f"(largest shard + 2 GB = {(r['largest_shard_bytes'] + 2e9) / gb:.2f} GB); "
         f"merged LoRA tensor equal to W + scale BA by hand: {r['probe_equal']}, "
         f"untouched tensor bit-equal: {r['untouched_bit_equal']}",
@@ -216,3 +250,27 @@ def environment() -> dict:
 
 def as_json(results: dict) -> str:
     return json.dumps({"environment": environment(), "results": results}, indent=2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m workbench.bench.merge_load DIR --before SRC`: `workbench bench --merge-load DIR`
+    with the merge of an earlier source tree timed in the same run."""
+    import argparse
+
+    from workbench.atomic import write_text
+
+    p = argparse.ArgumentParser(prog="python -m workbench.bench.merge_load", description=main.__doc__)
+    p.add_argument("folder", type=Path)
+    p.add_argument("--before", type=Path, default=None, help="source tree whose merge is timed as 'before'")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
+    p.add_argument("--keep", action="store_true", help="keep the merged folder")
+    args = p.parse_args(argv)
+    results = run_merge_load(args.folder, keep=args.keep, before=args.before)
+    print(format_results(results))
+    if args.out is not None:
+        write_text(args.out, as_json(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -48,10 +48,11 @@ class LoraDelta:
     B: torch.Tensor
     rank: int
     alpha: float
-    scale: float  # alpha/r or alpha/sqrt(r), times PEFT_MHA_OUT_PROJ_FACTOR on an MHA's out_proj
+    scale: float  # alpha/r or alpha/sqrt(r), times `factor`
     embedding: bool = False  # nn.Embedding LoRA stores the transposed product
     magnitude: torch.Tensor | None = None  # DoRA
     lora_bias: bool = False  # PEFT lora_bias: scale * lora_B.bias is added to the layer's bias
+    factor: int = 1  # PEFT_MHA_OUT_PROJ_FACTOR on an MHA's out_proj: scale / factor is PEFT's `scaling`
 
 
 @dataclass
@@ -64,6 +65,11 @@ class Adapter:
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save / trained params
     run_record: dict | None = None  # workbench_run.json of the training run, if any
     run_record_file: Path | None = None
+    label: str | None = None  # how errors name it when it is not one file (a combination)
+
+    @property
+    def where(self) -> str:
+        return self.label or str(self.weights_file)
 
 
 def read_adapter(adapter_dir: str | Path, base_keys: set[str]) -> Adapter:
@@ -127,7 +133,7 @@ def _add_module(adapter: Adapter, module: str, parts: dict[str, torch.Tensor], b
     if magnitude is not None and (embedding or A.dim() != 2):
         raise CheckpointError(f"{where}: DoRA on '{module}' is only supported for linear layers")
     adapter.deltas[weight_key] = LoraDelta(module, A, B, rank, alpha, factor * scale, embedding, magnitude,
-                                           lora_bias="lora_B.bias" in parts)
+                                           lora_bias="lora_B.bias" in parts, factor=factor)
     if "lora_B.bias" in parts:
         if bias_key is None:
             raise CheckpointError(f"{where}: '{module}' has lora_B.bias but the base layer has no bias")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -24,8 +25,10 @@ from tqdm import tqdm
 
 from workbench.atomic import write_json
 from workbench.dtypes import FLAG_DTYPES, dtype_flag
-from workbench.errors import CheckpointError, WorkbenchError
+from workbench.errors import CheckpointError, WorkbenchError, first_line
 from workbench.merge.adapter import Adapter, LoraDelta, read_adapter
+from workbench.merge.combine import Combine, combine_adapters, model_key_order
+from workbench.merge.export import write_adapter_files, write_combined_adapter
 from workbench.merge.report import BaseCheck, build_report, write_report
 from workbench.model import checkpoint
 from workbench.model.shard_writer import ShardWriter
@@ -54,19 +57,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dtype: torch.dtype | None = None,
-                  max_shard_size: int | str = "2GB", force: bool = False, overwrite: bool = False,
-                  verify: bool = False, device: str = "cpu") -> dict:
+def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, **options) -> dict:
     """Write base + adapter as one merged checkpoint in `out`; returns the merge report."""
+    return merge_adapters(base, [adapter], out, **options)
+
+
+def merge_adapters(base: str | Path, adapters: Sequence[str | Path], out: str | Path, *,
+                   combine: Combine | None = None, adapter_out: bool = False, dtype: torch.dtype | None = None,
+                   max_shard_size: int | str = "2GB", force: bool = False, overwrite: bool = False,
+                   verify: bool = False, device: str = "cpu") -> dict:
+    """Write base + the adapters (combined by `combine`) as one checkpoint in `out`, or with
+    `adapter_out` the combined adapter alone; returns the merge report.
+
+    One adapter without `combine` merges as it is; several are combined (default: cat).
+    Everything that can be refused (paths, adapters, the combination, a base recorded differently
+    by two adapters) is refused before anything is written.
+    """
     try:
         max_shard_size = checkpoint.parse_size(max_shard_size)
     except ValueError as err:
         raise WorkbenchError(f"--max-shard-size: {err}") from None
     base_dir = checkpoint.resolve_model_dir(base)
-    adapter_dir, out = Path(adapter), Path(out)
-    _check_paths(base_dir, adapter_dir, out, overwrite)
-    lora = read_adapter(adapter_dir, set(checkpoint.weight_map(base_dir)))
-    base_check = BaseCheck(lora, base_dir, force)
+    adapter_dirs, out = [Path(a) for a in adapters], Path(out)
+    device = str(merge_device(device))
+    if combine is None and len(adapter_dirs) > 1:
+        combine = Combine()
+    if combine is not None:
+        combine.check(len(adapter_dirs))  # a wrong --weights count fails before any adapter is read
+    _check_paths(base_dir, adapter_dirs, out, overwrite)
+    base_keys = set(checkpoint.weight_map(base_dir))
+    sources = [read_adapter(d, base_keys) for d in adapter_dirs]
+    lora = sources[0] if combine is None else combine_adapters(
+        sources, combine, model_key_order(base_dir), force=force, device=device)
+    base_check = BaseCheck(sources, base_dir, force)
     base_fingerprint = {"config_sha256": checkpoint.sha256_file(base_dir / "config.json"), "weights": {}}
     base_check.config(base_fingerprint["config_sha256"])  # a wrong base fails here, before any weight is read
 
@@ -74,15 +97,18 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dty
     tmp = out.parent / f"{TEMP_PREFIX.format(name=out.name)}{os.getpid()}"
     try:
         tmp.mkdir(parents=True)
-        written = stream_merge(base_dir, lora, tmp, dtype, max_shard_size, base_check, base_fingerprint["weights"])
-        checkpoint.copy_non_weight_files(base_dir, tmp)
-        if dtype is not None:
-            _set_config_dtype(tmp / "config.json", dtype)
-        report = build_report(base_dir, base_fingerprint, lora, written, dtype, base_check.outcome)
-        if verify:
-            from workbench.merge.verify import verify_merge
-
-            report["verify"] = verify_merge(base_dir, adapter_dir, tmp, device=device)
+        if adapter_out:
+            report = write_combined_adapter(tmp, lora, sources, combine, base_dir, base_fingerprint, base_check)
+        else:
+            written = stream_merge(base_dir, lora, tmp, dtype, max_shard_size, base_check,
+                                   base_fingerprint["weights"], device)
+            checkpoint.copy_non_weight_files(base_dir, tmp)
+            if dtype is not None:
+                _set_config_dtype(tmp / "config.json", dtype)
+            report = build_report(base_dir, base_fingerprint, sources, lora, combine, written, dtype,
+                                  base_check.outcome)
+            if verify:
+                report["verify"] = _verify(base_dir, lora, sources, combine, tmp, device)
         write_report(tmp, report)
         _publish(tmp, out)
     except BaseException:
@@ -91,8 +117,31 @@ def merge_adapter(base: str | Path, adapter: str | Path, out: str | Path, *, dty
     return report
 
 
+def merge_device(name: str | torch.device) -> torch.device:
+    """The device the merge maths run on, with its index (`cuda` -> `cuda:0`); refused if absent."""
+    try:
+        return torch.empty(0, device=name).device
+    except (RuntimeError, AssertionError) as err:
+        raise WorkbenchError(f"--device {name}: {first_line(err)}") from None
+
+
+def _verify(base_dir: Path, lora: Adapter, sources: list[Adapter], combine: Combine | None, merged: Path,
+            device: str) -> dict:
+    """--verify against PEFT: the adapter itself, or the combined adapter written out for PEFT to load."""
+    from workbench.merge.verify import verify_merge
+
+    if combine is None:
+        return verify_merge(base_dir, lora.path, merged, device=device)
+    reference = merged / ".combined-adapter"
+    try:
+        write_adapter_files(reference, lora)
+        return verify_merge(base_dir, reference, merged, device=device)
+    finally:
+        shutil.rmtree(reference, ignore_errors=True)
+
+
 def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtype | None, max_shard_size: int,
-                 base_check: BaseCheck, digests: dict[str, str]) -> dict[str, str]:
+                 base_check: BaseCheck, digests: dict[str, str], device: str = "cpu") -> dict[str, str]:
     """Merge every base tensor into `out_dir`; returns {key: what was done} for the touched keys.
 
     One pass over the base: while file i is merged, a thread hashes file i+1 (sha256 releases the
@@ -105,6 +154,7 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     base_check.files(names)
     specs = [replace(s, dtype=_out_dtype(s.dtype, dtype)) for s in checkpoint.tensor_specs(base_dir)]
     writer = ShardWriter(out_dir, specs, max_shard_size)
+    lora = _to_device(lora, device)
     done: dict[str, str] = {}
     bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="merging",
                disable=len(files) < 2)
@@ -120,7 +170,7 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
             shard = checkpoint.load_weight_file(path, mmap=True)
             for key in keys:
                 # pop: hold no reference of our own, so each mapped input tensor goes once written
-                tensor, action = merge_tensor(key, shard.pop(key), lora, dtype)
+                tensor, action = merge_tensor(key, shard.pop(key), lora, dtype, device)
                 checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
                 if writing is not None:
                     writing.result()
@@ -139,47 +189,57 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     return done
 
 
+def _to_device(lora: Adapter, device: str | torch.device) -> Adapter:
+    """The adapter with its LoRA factors in float32 on the merge's device, moved once."""
+    device = torch.device(device)
+    deltas = {k: replace(d, A=d.A.to(device, torch.float32), B=d.B.to(device, torch.float32),
+                         magnitude=None if d.magnitude is None else d.magnitude.to(device, torch.float32))
+              for k, d in lora.deltas.items()}
+    return replace(lora, deltas=deltas)
+
+
 def _out_dtype(base: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and base.is_floating_point else base
 
 
-def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter,
-                 dtype: torch.dtype | None) -> tuple[torch.Tensor, str | None]:
-    """(merged tensor, action or None) for one base tensor."""
+def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter, dtype: torch.dtype | None,
+                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, str | None]:
+    """(merged tensor on the CPU, action or None) for one base tensor; LoRA maths on `device`."""
     out_dtype = _out_dtype(tensor.dtype, dtype)
     if key in lora.replacements:
         new = lora.replacements[key]
         if new.shape != tensor.shape:
-            raise CheckpointError(f"{lora.weights_file}: trained '{key}' has shape {tuple(new.shape)}, "
+            raise CheckpointError(f"{lora.where}: trained '{key}' has shape {tuple(new.shape)}, "
                                   f"base has {tuple(tensor.shape)}")
         return new.to(out_dtype), "trained"
     if key in lora.deltas:
-        return _apply_delta(key, tensor, lora.deltas[key], lora).to(out_dtype), "lora"
+        # cast where the maths ran: from a GPU, half the bytes come back
+        return _apply_delta(key, tensor, lora.deltas[key], lora, torch.device(device)).to(out_dtype).cpu(), "lora"
     if key in lora.bias_deltas:
         return (tensor.float() + lora.bias_deltas[key]).to(out_dtype), "lora_bias"
     return tensor.to(out_dtype), None
 
 
-def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter) -> torch.Tensor:
+def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter, device: torch.device) -> torch.Tensor:
     # B.flatten(1) @ A.flatten(1) covers nn.Linear ([out,r] @ [r,in]) and PEFT's Conv2d LoRA
     # (1x1 B, A with the layer's kernel), whose product reshapes to the weight's shape.
-    B, A = delta.B.float().flatten(1), delta.A.float().flatten(1)
+    B, A = delta.B.to(device, torch.float32).flatten(1), delta.A.to(device, torch.float32).flatten(1)
     if B.shape[0] * A.shape[1] != weight.numel():
-        raise CheckpointError(f"{lora.weights_file}: LoRA on '{delta.module}' gives a delta of "
+        raise CheckpointError(f"{lora.where}: LoRA on '{delta.module}' gives a delta of "
                               f"{(B.shape[0], A.shape[1])} for '{key}' of shape {tuple(weight.shape)}")
-    merged = weight.to(torch.float32, copy=True)  # never written into the (mapped) base tensor
+    merged = weight.to(device, torch.float32, copy=True)  # never written into the (mapped) base tensor
     # lora_embedding_A [r, vocab], B [dim, r]: the product is W^T's shape
     target = merged.view(A.shape[1], B.shape[0]).T if delta.embedding else merged.view(B.shape[0], A.shape[1])
     target.addmm_(B, A, alpha=delta.scale)  # W + scale * (B @ A), in place: one float32 copy of W, no more
     if delta.magnitude is not None:
         # DoRA: each output row is rescaled to the learned magnitude over the norm of W + ΔW
-        merged = (delta.magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
+        merged = (delta.magnitude.to(device, torch.float32) / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
     return merged
 
 
-def _check_paths(base_dir: Path, adapter_dir: Path, out: Path, overwrite: bool) -> None:
-    out_r, base_r, adapter_r = out.resolve(), base_dir.resolve(), adapter_dir.resolve()
-    for name, path in (("BASE", base_r), ("ADAPTER", adapter_r)):
+def _check_paths(base_dir: Path, adapter_dirs: list[Path], out: Path, overwrite: bool) -> None:
+    out_r = out.resolve()
+    for name, path in (("BASE", base_dir.resolve()), *(("ADAPTER", a.resolve()) for a in adapter_dirs)):
         if out_r == path or path in out_r.parents or out_r in path.parents:
             raise WorkbenchError(f"--out {out} overlaps {name} {path}; choose a separate folder")
     if out.exists() and not overwrite:
