@@ -190,10 +190,13 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
 
 
 def _to_device(lora: Adapter, device: str | torch.device) -> Adapter:
-    """The adapter with its LoRA factors in float32 on the merge's device, moved once."""
+    """The adapter with its LoRA factors on the merge's device, moved once (each is cast to float32
+    when used: float32 copies of all factors of the release's adapter would hold 0.5 GB)."""
     device = torch.device(device)
-    deltas = {k: replace(d, A=d.A.to(device, torch.float32), B=d.B.to(device, torch.float32),
-                         magnitude=None if d.magnitude is None else d.magnitude.to(device, torch.float32))
+    if device.type == "cpu":
+        return lora
+    deltas = {k: replace(d, A=d.A.to(device), B=d.B.to(device),
+                         magnitude=None if d.magnitude is None else d.magnitude.to(device))
               for k, d in lora.deltas.items()}
     return replace(lora, deltas=deltas)
 
