@@ -240,3 +240,21 @@ def test_merge_maths_on_cuda_equal_cpu(method, pair, tiny_base, tmp_path):
     cpu, cuda = merged_state(tmp_path / "cpu"), merged_state(tmp_path / "cuda")
     for key, tensor in cpu.items():
         torch.testing.assert_close(cuda[key], tensor, rtol=0, atol=1e-5, msg=key)
+
+
+def test_combined_adapter_is_served_like_the_merge(pair, tiny_base, tmp_path):
+    from workbench.merge.verify import merged_logits, probe_batch
+    from workbench.serve.models import ServedModel
+
+    combine = Combine("cat", (0.6, 0.9))
+    merge_adapters(tiny_base, pair, tmp_path / "adapter", combine=combine, adapter_out=True)
+    merge_adapters(tiny_base, pair, tmp_path / "merged", combine=combine)
+    served = ServedModel.load(str(tiny_base), {"both": tmp_path / "adapter"}, dtype="float32", device="cpu")
+    assert served.names == [served.name, "both"]
+    batch = probe_batch(tiny_base, 56)
+    with torch.no_grad():
+        got = served.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+    expected = merged_logits(tmp_path / "merged", batch, torch.float32, "cpu")
+    base = merged_logits(tiny_base, batch, torch.float32, "cpu")
+    assert (expected - base).abs().max() > 1e-2  # the combination changes the model
+    assert (got - expected).abs().max() <= 1e-4

@@ -145,7 +145,8 @@ def plot(results: dict, png: Path) -> None:
     ax.set_ylabel("Acc@0.5")
     ax.set_title(f"One adapter per domain ({results['steps']} steps each) and their combinations "
                  "(method weight_warm/weight_cool)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_ylim(0, max(0.1, *(v for acc in results["acc@0.5"].values() for v in acc.values())) * 1.25)
+    ax.legend(fontsize=8, loc="upper center")
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
