@@ -80,8 +80,10 @@ def merge_adapters(base: str | Path, adapters: Sequence[str | Path], out: str | 
     base_dir = checkpoint.resolve_model_dir(base)
     adapter_dirs, out = [Path(a) for a in adapters], Path(out)
     device = str(merge_device(device))
-    if combine is None and len(adapter_dirs) > 1:
-        combine = Combine()
+    if adapter_out and (verify or dtype is not None):
+        raise WorkbenchError("--adapter-out writes an adapter, not merged weights: --verify and --dtype do not apply")
+    if combine is None and (len(adapter_dirs) > 1 or adapter_out):
+        combine = Combine()  # one adapter to --adapter-out: rewritten as PEFT's linear of one (no rank patterns)
     if combine is not None:
         combine.check(len(adapter_dirs))  # a wrong --weights count fails before any adapter is read
     _check_paths(base_dir, adapter_dirs, out, overwrite)
