@@ -240,3 +240,35 @@ def test_merge_maths_on_cuda_equal_cpu(method, pair, tiny_base, tmp_path):
     cpu, cuda = merged_state(tmp_path / "cpu"), merged_state(tmp_path / "cuda")
     for key, tensor in cpu.items():
         torch.testing.assert_close(cuda[key], tensor, rtol=0, atol=1e-5, msg=key)
+
+
+def test_combined_adapter_is_served_like_the_merge(pair, tiny_base, tmp_path):
+    from workbench.merge.verify import merged_logits, probe_batch
+    from workbench.serve.models import ServedModel
+
+    combine = Combine("cat", (0.6, 0.9))
+    merge_adapters(tiny_base, pair, tmp_path / "adapter", combine=combine, adapter_out=True)
+    merge_adapters(tiny_base, pair, tmp_path / "merged", combine=combine)
+    served = ServedModel.load(str(tiny_base), {"both": tmp_path / "adapter"}, dtype="float32", device="cpu")
+    assert served.names == [served.name, "both"]
+    batch = probe_batch(tiny_base, 56)
+    with torch.no_grad():
+        got = served.model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"]).logits
+    expected = merged_logits(tmp_path / "merged", batch, torch.float32, "cpu")
+    base = merged_logits(tiny_base, batch, torch.float32, "cpu")
+    assert (expected - base).abs().max() > 1e-2  # the combination changes the model
+    assert (got - expected).abs().max() <= 1e-4
+
+
+def test_one_adapter_to_adapter_out_is_the_same_adapter(pair, tiny_base, tmp_path):
+    """PEFT's linear of one adapter at weight 1: its rank patterns folded away, the merge unchanged."""
+    merge_adapters(tiny_base, [pair[0]], tmp_path / "plain", adapter_out=True)
+    config = json.loads((tmp_path / "plain" / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == 8 and not config["rank_pattern"]
+    merge_adapters(tiny_base, [pair[0]], tmp_path / "direct")
+    merge_adapters(tiny_base, [tmp_path / "plain"], tmp_path / "again")
+    direct, again = merged_state(tmp_path / "direct"), merged_state(tmp_path / "again")
+    for key, tensor in direct.items():
+        torch.testing.assert_close(again[key], tensor, rtol=0, atol=1e-6, msg=key)
+    _refused(lambda: merge_adapters(tiny_base, pair, tmp_path / "x", adapter_out=True, verify=True),
+             "--adapter-out writes an adapter", tmp_path)

@@ -1,6 +1,7 @@
 """Two domains, one adapter each, and the adapters combined by `workbench merge` (issue 33).
 
-    python -m workbench.demo.merge_domains R [--steps 400] [--seed 0] [--methods cat linear ties dare_ties]
+    python -m workbench.demo.merge_domains R [--steps 1000] [--seed 0] [--methods cat linear ties dare_ties]
+                                             [--weights 1 1]
 
 The demo's shapes (workbench.demo.synthetic) split by colour into two domains: "warm" phrases
 name red or yellow shapes, "cool" ones green or blue shapes. R gets the demo's base model
@@ -8,7 +9,9 @@ name red or yellow shapes, "cool" ones green or blue shapes. R gets the demo's b
 the two domains (data/), an adapter per domain trained with configs/demo.yaml for `--steps`
 steps (adapter-warm/, adapter-cool/), each combination merged into full weights by
 `merge_adapters` (merged-<method>/), and merge_domains.json + merge_domains.png: Acc@0.5 of the
-base, of each adapter and of each combination on both domains' held-out queries.
+base, of each adapter and of each combination on both domains' held-out queries. A second call on
+the same R reuses the base, data, adapters and their scores (the adapters are kept as trained)
+and adds the combinations with other `--weights` to the same JSON and plot.
 
 The demo recipe trains the embedding, the output layer and the resampler's queries and norms
 whole; two adapters that both train a tensor whole cannot be combined, so here both adapters
@@ -30,7 +33,7 @@ from workbench.atomic import atomic_path, write_json, write_text
 DOMAINS = {"warm": ("red", "yellow"), "cool": ("green", "blue")}
 N_TRAIN, N_EVAL, SHAPES_PER_IMAGE = 600, 120, (1, 2)
 LORA_ONLY = "adapter_overrides={modules_to_save: [], resampler: {train: []}}"
-COMBINE = {  # method: Combine options (weights 1 each: both domains at full strength)
+COMBINE = {  # method: Combine options besides the weights
     "cat": {}, "linear": {}, "ties": {"density": 0.5}, "dare_ties": {"density": 0.5},
 }
 
@@ -73,7 +76,7 @@ def accuracy(model, tokenizer, queries: dict[str, list], out: Path) -> dict[str,
             ["metrics"]["acc@0.5"] for name, qs in queries.items()}
 
 
-def run(folder: Path, steps: int, seed: int, methods: list[str]) -> dict:
+def run(folder: Path, steps: int, seed: int, methods: list[str], weights: tuple[float, float] = (1.0, 1.0)) -> dict:
     from peft import PeftModel
 
     from workbench.api import load_model, load_tokenizer
@@ -93,25 +96,31 @@ def run(folder: Path, steps: int, seed: int, methods: list[str]) -> dict:
                                    name="eval")
     queries = {name: [q for q in load_queries(held_out) if domain_of(q.phrase) == name] for name in DOMAINS}
     tokenizer = load_tokenizer(base)
-    results: dict = {"steps": steps, "seed": seed, "queries": {k: len(v) for k, v in queries.items()},
-                     "train_queries": {k: len(v.read_text().splitlines()) for k, v in train.items()},
-                     "acc@0.5": {}, "train_seconds": {}}
-    results["acc@0.5"]["base"] = accuracy(load_model(base, dtype=torch.float32), tokenizer, queries,
-                                          folder / "eval" / "base")
-    adapters = {}
+    previous = folder / "merge_domains.json"
+    results: dict = json.loads(previous.read_text()) if previous.exists() else {
+        "steps": steps, "seed": seed, "queries": {k: len(v) for k, v in queries.items()},
+        "train_queries": {k: len(v.read_text().splitlines()) for k, v in train.items()},
+        "acc@0.5": {}, "train_seconds": {}, "seconds": 0.0}
+    if "base" not in results["acc@0.5"]:
+        results["acc@0.5"]["base"] = accuracy(load_model(base, dtype=torch.float32), tokenizer, queries,
+                                              folder / "eval" / "base")
+    adapters = {name: folder / f"adapter-{name}" for name in train}
     for name, file in train.items():
+        if f"adapter {name}" in results["acc@0.5"]:  # trained and scored by an earlier call
+            continue
         t = time.time()
-        adapters[name] = train_adapter(base, file, folder / f"adapter-{name}", steps, seed)
+        train_adapter(base, file, adapters[name], steps, seed)
         results["train_seconds"][name] = round(time.time() - t, 1)
         model = PeftModel.from_pretrained(load_model(base, dtype=torch.float32), adapters[name])
         results["acc@0.5"][f"adapter {name}"] = accuracy(model, tokenizer, queries, folder / "eval" / name)
+    tag = "/".join(f"{w:g}" for w in weights)
     for method in methods:
-        out = folder / f"merged-{method}"
-        merge_adapters(base, list(adapters.values()), out, combine=Combine(method, seed=seed, **COMBINE[method]),
-                       overwrite=True)
-        results["acc@0.5"][f"{method} (warm + cool)"] = accuracy(load_model(out, dtype=torch.float32), tokenizer,
-                                                                 queries, folder / "eval" / method)
-    results["seconds"] = round(time.time() - started, 1)
+        out = folder / f"merged-{method}-{tag.replace('/', '_')}"
+        combine = Combine(method, tuple(weights), seed=seed, **COMBINE[method])
+        merge_adapters(base, list(adapters.values()), out, combine=combine, overwrite=True)
+        results["acc@0.5"][f"{method} {tag}"] = accuracy(load_model(out, dtype=torch.float32), tokenizer,
+                                                         queries, folder / "eval" / out.name)
+    results["seconds"] = round(results["seconds"] + time.time() - started, 1)
     write_json(folder / "merge_domains.json", results)
     plot(results, folder / "merge_domains.png")
     return results
@@ -124,7 +133,7 @@ def plot(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = list(results["acc@0.5"])
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(models)), 3.8))
     width = 0.38
     for i, domain in enumerate(DOMAINS):
         values = [results["acc@0.5"][m][domain] for m in models]
@@ -132,10 +141,12 @@ def plot(results: dict, png: Path) -> None:
                       label=f"{domain} held-out ({results['queries'][domain]} queries: "
                             f"{' / '.join(DOMAINS[domain])})")
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
-    ax.set_xticks(range(len(models)), models, fontsize=8, rotation=12)
+    ax.set_xticks(range(len(models)), models, fontsize=8, rotation=20)
     ax.set_ylabel("Acc@0.5")
-    ax.set_title(f"One adapter per domain ({results['steps']} steps each) and their combinations", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"One adapter per domain ({results['steps']} steps each) and their combinations "
+                 "(method weight_warm/weight_cool)", fontsize=10)
+    ax.set_ylim(0, max(0.1, *(v for acc in results["acc@0.5"].values() for v in acc.values())) * 1.25)
+    ax.legend(fontsize=8, loc="upper center")
     fig.tight_layout()
     with atomic_path(png) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -151,11 +162,12 @@ def summary(results: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workbench.demo.merge_domains", description=__doc__.split("\n")[0])
     p.add_argument("folder", type=Path)
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=list(COMBINE), choices=list(COMBINE))
+    p.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("WARM", "COOL"))
     args = p.parse_args(argv)
-    results = run(args.folder, args.steps, args.seed, args.methods)
+    results = run(args.folder, args.steps, args.seed, args.methods, tuple(args.weights))
     print(summary(results))
     print(f"{args.folder / 'merge_domains.json'}, {args.folder / 'merge_domains.png'} ({results['seconds']:.0f} s)")
     return 0

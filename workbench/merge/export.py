@@ -62,14 +62,15 @@ def write_combined_adapter(out_dir: Path, lora: Adapter, sources: list[Adapter],
     """The combined adapter folder with its run record; returns the report (merge_report.json)."""
     write_adapter_files(out_dir, lora)
     recorded = base_check.recorded_fingerprint
+    entries = adapter_entries(sources, combine)
     record = {"base_model": {"path": str(base_dir), **({"fingerprint": recorded} if recorded else {})},
-              "combine": {**combine.to_dict(), "adapters": adapter_entries(sources, combine)}}
+              "combine": {**combine.to_dict(), "adapters": entries}}
     write_json(out_dir / RECORD_NAME, record)
     return {
         "base": str(base_dir),
         "base_config_sha256": base_fingerprint["config_sha256"],
         "base_fingerprint_check": f"config.json: {base_check.outcome} (weights not read with --adapter-out)",
-        "adapters": adapter_entries(sources, combine),
+        "adapters": entries,
         "combine": combine.to_dict(),
         "adapter_out": {"r": lora.config["r"], "lora_alpha": lora.config["lora_alpha"],
                         "modules": len(lora.deltas), "trained_tensors": sorted(lora.replacements),

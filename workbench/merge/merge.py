@@ -80,8 +80,10 @@ def merge_adapters(base: str | Path, adapters: Sequence[str | Path], out: str | 
     base_dir = checkpoint.resolve_model_dir(base)
     adapter_dirs, out = [Path(a) for a in adapters], Path(out)
     device = str(merge_device(device))
-    if combine is None and len(adapter_dirs) > 1:
-        combine = Combine()
+    if adapter_out and (verify or dtype is not None):
+        raise WorkbenchError("--adapter-out writes an adapter, not merged weights: --verify and --dtype do not apply")
+    if combine is None and (len(adapter_dirs) > 1 or adapter_out):
+        combine = Combine()  # one adapter to --adapter-out: rewritten as PEFT's linear of one (no rank patterns)
     if combine is not None:
         combine.check(len(adapter_dirs))  # a wrong --weights count fails before any adapter is read
     _check_paths(base_dir, adapter_dirs, out, overwrite)
@@ -190,10 +192,13 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
 
 
 def _to_device(lora: Adapter, device: str | torch.device) -> Adapter:
-    """The adapter with its LoRA factors in float32 on the merge's device, moved once."""
+    """The adapter with its LoRA factors on the merge's device, moved once (each is cast to float32
+    when used: float32 copies of all factors of the release's adapter would hold 0.5 GB)."""
     device = torch.device(device)
-    deltas = {k: replace(d, A=d.A.to(device, torch.float32), B=d.B.to(device, torch.float32),
-                         magnitude=None if d.magnitude is None else d.magnitude.to(device, torch.float32))
+    if device.type == "cpu":
+        return lora
+    deltas = {k: replace(d, A=d.A.to(device), B=d.B.to(device),
+                         magnitude=None if d.magnitude is None else d.magnitude.to(device))
               for k, d in lora.deltas.items()}
     return replace(lora, deltas=deltas)
 

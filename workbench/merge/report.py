@@ -84,12 +84,13 @@ def build_report(base_dir: Path, base_fingerprint: dict, sources: list[Adapter],
     """merge_report.json: `lora` is what was merged (the one adapter, or the combination of `sources`)."""
     quants = [q for q in (quantization(a) for a in sources) if q]
     quant = "; ".join(dict.fromkeys(quants)) or None
-    single = {"adapter": str(lora.path), "adapter_fingerprint": adapter_fingerprint(lora)} if combine is None else {}
+    entries = adapter_entries(sources, combine)
+    single = {"adapter": str(lora.path), "adapter_fingerprint": entries[0]["fingerprint"]} if combine is None else {}
     return {
         "base": str(base_dir),
         "base_fingerprint": base_fingerprint,
         **single,
-        "adapters": adapter_entries(sources, combine),
+        "adapters": entries,
         "combine": combine.to_dict() if combine is not None else None,
         "base_fingerprint_check": fingerprint_check,
         "dtype": str(dtype).removeprefix("torch.") if dtype is not None else "unchanged (base dtypes)",
