@@ -42,12 +42,7 @@ def check_model(model: str) -> dict:
     if not folder.is_dir():
         raise CheckpointError(f"--model {model}: not a folder (vLLM serves a local model folder: the release, "
                               "or `workbench merge` output)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"--model {model}: no config.json; is this a model folder?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"--model {model}: config.json is not valid JSON ({err})") from None
+    config = _read_json(folder / "config.json", f"--model {model}", "no config.json; is this a model folder?")
     if "QWenLMHeadModel" not in (config.get("architectures") or []) or "visual" not in config:
         raise CheckpointError(f"--model {model}: config.json is not Qwen-VL-Chat's (architectures "
                               f"{config.get('architectures')}, visual {'present' if 'visual' in config else 'missing'})")
@@ -58,15 +53,19 @@ def check_model(model: str) -> dict:
     return config
 
 
+def _read_json(path: Path, where: str, missing: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{where}: {path.name} is not valid JSON ({err})") from None
+
+
 def check_adapter(name: str, folder: Path) -> int:
     """The adapter's rank, after checking that vLLM's LoRA can serve it as it is."""
     where = f"--adapter {name}={folder}"
-    try:
-        config = json.loads((folder / "adapter_config.json").read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: not a PEFT adapter folder (no adapter_config.json)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{where}: adapter_config.json is not valid JSON ({err})") from None
+    config = _read_json(folder / "adapter_config.json", where, "not a PEFT adapter folder (no adapter_config.json)")
     why = _not_servable(config)
     if why:
         raise WorkbenchError(f"{where}: vLLM serves LoRA on the LLM's linear layers only, and {why}; merge it "
