@@ -69,7 +69,7 @@ def test_nothing_reaches_outside_the_repository():
     repo = PACKAGE.parent
     texts = [*SOURCES, *repo.glob("tests/**/*.py"), *repo.glob("*.md"), *repo.glob("docs/*.md"), repo / "Makefile"]
     offenders = [str(p.relative_to(repo)) for p in texts
-                 if p != Path(__file__).resolve() and re.search(r"\.\./shared|WORKBENCH_SHARED", p.read_text())]
+                 if p != Path(__file__).resolve() and re.search(r"\.\./shared|WORKBENCH_" + "SHARED", p.read_text())]
     assert offenders == []
 
 
