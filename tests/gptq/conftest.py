@@ -16,7 +16,7 @@ def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """32 shapes records with one image each, as `workbench demo` makes them."""
     from workbench.demo.synthetic import make_shapes_dataset
 
-    return make_shapes_dataset(tmp_path_factory.mktemp("calib"), SAMPLES, seed=0, name="calib")
+    return make_shapes_dataset(tmp_path_factory.mktemp("calib"), SAMPLES, seed=0, name="train")
 
 
 @pytest.fixture(scope="session")
