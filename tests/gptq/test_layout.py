@@ -74,3 +74,17 @@ def test_bad_spec_is_refused(kwargs, message):
 def test_group_size_that_does_not_divide_is_named():
     with pytest.raises(ValueError, match="group_size 96 does not divide transformer.h.0.attn.c_proj's 4096"):
         GPTQSpec(group_size=96).check_divides("transformer.h.0.attn.c_proj", 4096)
+
+
+@pytest.mark.parametrize("folder,is_gptq", [(REAL_REF, False), (INT4_REF, True)])
+def test_inspect_gives_the_int4_base_memory_and_both_export_sizes(folder, is_gptq):
+    from workbench.adapters.inspect import inspect_recipe
+    from workbench.adapters.recipe import load_recipe
+
+    report = inspect_recipe(folder, load_recipe("official-lora"))
+    # The published checkpoints: 19,313,870,336 bytes (bf16 index) and 9,731,786,240 (Int4 index).
+    assert report["export_bytes"] == {"16bit": 19_313_870_336, "int4": 9_731_786_240}
+    m = report["memory_bytes"]
+    assert m["weights_gptq"] == 9_731_786_240  # official-lora trains nothing in place
+    assert m["total_gptq"] == m["weights_gptq"] + m["trainable"]
+    assert report["gptq"]["base_is_gptq"] is is_gptq
