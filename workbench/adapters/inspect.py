@@ -57,6 +57,14 @@ def meta_model(model_dir: str | Path, dtype: str = "bfloat16") -> torch.nn.Modul
         return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(TORCH_DTYPES[dtype])
 
 
+def _int4_bytes(model: torch.nn.Module, spec: GPTQSpec) -> int | None:
+    """Bytes of the model's GPTQ checkpoint; None when the group size does not divide its layers."""
+    try:
+        return sum(s.nbytes for s in plan(model, spec))
+    except ValueError:
+        return None
+
+
 def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16", devices: int | None = None,
                    step: StepShape | None = None) -> dict:
     """Per-component adapted modules, LoRA / fully trained / quantised counts and a memory estimate.
@@ -74,8 +82,7 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
     quantized = quantize_names(dict(model.named_modules()), q)
     # The GPTQ column: the model's own spec when it is an Int4 checkpoint, else the release's.
     gptq = GPTQSpec.from_config(model.config) or GPTQSpec()
-    exports = {"16bit": sum(p.numel() * 2 for p in model.state_dict().values()),
-               "int4": sum(s.nbytes for s in plan(model, gptq))}
+    exports = {"16bit": sum(p.numel() * 2 for p in model.state_dict().values()), "int4": _int4_bytes(model, gptq)}
     is_gptq = GPTQSpec.from_config(model.config) is not None
     with torch.device("meta"):
         peft_model = apply_recipe(model, dataclasses.replace(recipe, quantization=None))
@@ -109,10 +116,11 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
     # what the recipe trains in place (counted in trainable).
     trained_in_place = sum(p.numel() * 2 for n, p in peft_model.named_parameters()
                            if p.requires_grad and ".lora_" not in n and ".modules_to_save." not in n)
-    weights_gptq = exports["int4"] - trained_in_place
+    weights_gptq = exports["int4"] - trained_in_place if exports["int4"] is not None else None
     memory = {"weights": weights, "weights_4bit": int(weights_4bit), "weights_gptq": weights_gptq,
               "trainable": trainable_bytes, "total": weights + trainable_bytes,
-              "total_4bit": int(weights_4bit) + trainable_bytes, "total_gptq": weights_gptq + trainable_bytes}
+              "total_4bit": int(weights_4bit) + trainable_bytes,
+              "total_gptq": weights_gptq + trainable_bytes if weights_gptq is not None else None}
     activation_terms = None
     if step is not None:
         activation_terms = estimate_activations(peft_model, step)

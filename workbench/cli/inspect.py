@@ -77,11 +77,12 @@ def format_report(report: dict) -> str:
         f"{m['weights_4bit'] / GIB:.2f} GiB with {qdesc}; trainable + grads + AdamW {m['trainable'] / GIB:.2f} GiB; "
         f"total {m['total'] / GIB:.2f} / {m['total_4bit'] / GIB:.2f} GiB",
         f"  ({report['memory_formula']})",
-        f"on a GPTQ Int4 base ({g['bits']}-bit, group {g['group_size']}"
-        f"{'' if g['base_is_gptq'] else ', as after workbench quantize'}): weights {m['weights_gptq'] / GIB:.2f} GiB, "
-        f"total {m['total_gptq'] / GIB:.2f} GiB",
-        f"checkpoint sizes: 16-bit {e['16bit'] / 1e9:.2f} GB, Int4 {e['int4'] / 1e9:.2f} GB",
     ]
+    if e["int4"] is not None:
+        lines += [f"on a GPTQ Int4 base ({g['bits']}-bit, group {g['group_size']}"
+                  f"{'' if g['base_is_gptq'] else ', as after workbench quantize'}): weights "
+                  f"{m['weights_gptq'] / GIB:.2f} GiB, total {m['total_gptq'] / GIB:.2f} GiB",
+                  f"checkpoint sizes: 16-bit {e['16bit'] / 1e9:.2f} GB, Int4 {e['int4'] / 1e9:.2f} GB"]
     if "activations" in m:
         st, a = report["step"], report["activation_terms"]
         ckpt = (f"checkpointing every {st['checkpoint_every']} block(s)" if st["gradient_checkpointing"]
