@@ -116,3 +116,23 @@ def test_bad_input_is_refused_before_any_work(tmp_path, calib, int4_model, what,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and line in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # nothing written, no temporary folder
+
+
+@pytest.mark.parametrize("layout", ["sharded-bin", "sharded-safetensors"])
+def test_every_source_layout_gives_the_same_export(tmp_path, calib, layout):
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from workbench.gptq.quantize import quantize
+
+    source = tmp_path / "source"
+    shutil.copytree(TINY_REF / layout, source)
+    for name in ("config.json", "generation_config.json", "qwen.tiktoken", "tokenizer_config.json"):
+        shutil.copy(TINY_REF / name, source / name)
+    for folder, out in ((TINY_REF, "single"), (source, "sharded")):
+        quantize(folder, calib, tmp_path / out, GPTQSpec(group_size=64), samples=4)
+    a, b = load_file(tmp_path / "single" / "model.safetensors"), load_file(tmp_path / "sharded" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -145,7 +145,9 @@ def _quantize_into(model_dir: Path, config, samples: list[dict], spec: GPTQSpec,
         model = QWenLMHeadModel(config)
     specs = plan(model, spec)
     blocks = [s for s in specs if s.name.startswith("transformer.h.")]
-    rest = [s for s in specs if not s.name.startswith("transformer.h.")]
+    # The unquantised rest is copied last, in the source's file order, so each file is read once.
+    by_name = {s.name: s for s in specs if not s.name.startswith("transformer.h.")}
+    rest = [by_name[k] for _, keys in checkpoint.shard_files(model_dir) for k in keys if k in by_name]
     writer = ShardWriter(out, blocks + rest, checkpoint.parse_size(max_shard_size))
     calib = capture_block_inputs(model, model_dir, samples, device, dtype)
     errors = {}
@@ -158,8 +160,10 @@ def _quantize_into(model_dir: Path, config, samples: list[dict], spec: GPTQSpec,
         for s in (s for s in blocks if s.name.startswith(prefix)):
             writer.add(s.name, tensors[s.name].to(s.dtype).cpu())
         model.transformer.h[i] = block.to("meta")  # free the block
-    for s, tensor in zip(rest, _read_in_order(model_dir, [s.name for s in rest]), strict=True):
-        writer.add(s.name, tensor.to(s.dtype))
+    for _, keys in checkpoint.shard_files(model_dir):  # one source file at a time
+        wanted = [k for k in keys if k in by_name]
+        for name, tensor in zip(wanted, _read_in_order(model_dir, wanted), strict=True):
+            writer.add(name, tensor.to(by_name[name].dtype))
     index = writer.close()
     _write_config(model_dir, out, spec)
     return {"bits": spec.bits, "group_size": spec.group_size, "total_bytes": index["metadata"]["total_size"],
