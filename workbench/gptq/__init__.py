@@ -8,10 +8,11 @@ it sets environment variables and takes seconds.
 
 
 def quiet_library() -> None:
-    """Keep GPTQModel's warnings, not its banner and per-layer INFO lines: it logs through LogBar,
-    a logging.Logger. Call before the first gptqmodel import."""
+    """Keep GPTQModel's errors only, not its banner, per-layer INFO lines or advice on Python builds:
+    it logs through LogBar, a logging.Logger. Call before gptqmodel is imported, by us or by PEFT
+    (whose LoRA dispatcher imports it whenever it is installed)."""
     import logging
 
     from logbar import LogBar
 
-    LogBar.shared().setLevel(logging.WARNING)
+    LogBar.shared().setLevel(logging.ERROR)
