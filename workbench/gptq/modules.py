@@ -16,9 +16,10 @@ from workbench.gptq import quiet_library
 from workbench.gptq.layout import GPTQSpec, quantized_linears
 
 
-def kernel_class(spec: GPTQSpec, device: torch.device | str) -> type[nn.Module]:
-    """GPTQModel's quantised linear for this spec on `device`: its torch kernel on the CPU (the one
-    that trains), else the library's choice for the device."""
+def kernel_class(spec: GPTQSpec, device: torch.device | str, dtype: torch.dtype | None = None) -> type[nn.Module]:
+    """GPTQModel's quantised linear for this spec on `device`: its torch kernel on the CPU, else the
+    library's choice among its kernels that also train (LoRA needs the input's gradient) for the
+    activations' dtype (the kernels take float16 or bfloat16; float32 activations are cast)."""
     quiet_library()
     from gptqmodel.utils.importer import hf_select_quant_linear_v2
 
@@ -26,6 +27,7 @@ def kernel_class(spec: GPTQSpec, device: torch.device | str) -> type[nn.Module]:
     return hf_select_quant_linear_v2(
         bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=spec.sym, format="gptq",
         quant_method="gptq", pack=False, device_map={"": str(device)},
+        dtype=dtype if dtype in (torch.float16, torch.bfloat16) else None,
         backend="torch" if device.type == "cpu" else "auto_trainable")
 
 
@@ -36,9 +38,9 @@ def new_linear(cls: type[nn.Module], spec: GPTQSpec, in_features: int, out_featu
                register_buffers=True)
 
 
-def swap_in(model: nn.Module, spec: GPTQSpec, device: torch.device | str) -> None:
+def swap_in(model: nn.Module, spec: GPTQSpec, device: torch.device | str, dtype: torch.dtype | None = None) -> None:
     """Replace the LLM's block linears of a (meta-device) model by empty quantised linears."""
-    cls = kernel_class(spec, device)
+    cls = kernel_class(spec, device, dtype)
     for name in quantized_linears(model):
         parent, _, attr = name.rpartition(".")
         linear = model.get_submodule(name)

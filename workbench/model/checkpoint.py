@@ -307,7 +307,7 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
     config._name_or_path = str(path_or_repo)
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
-    packed = _swap_in_gptq(model, config, model_dir, device)
+    packed = _swap_in_gptq(model, config, model_dir, device, dtype)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_keys(model_dir, expected, weight_map(model_dir))
     shards = list(dict.fromkeys(weight_map(model_dir).values()))
@@ -334,7 +334,8 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
     return model.eval()
 
 
-def _swap_in_gptq(model, config: QWenConfig, model_dir: Path, device: str | torch.device) -> set[str]:
+def _swap_in_gptq(model, config: QWenConfig, model_dir: Path, device: str | torch.device,
+                  dtype: torch.dtype) -> set[str]:
     """For a GPTQ checkpoint (quantization_config in config.json): put GPTQModel's quantised linears
     in the meta model and return the names of their tensors; an empty set for a 16-bit model."""
     from workbench.gptq.layout import PACKED_BUFFERS, GPTQSpec, quantized_linears
@@ -345,7 +346,7 @@ def _swap_in_gptq(model, config: QWenConfig, model_dir: Path, device: str | torc
             return set()
         from workbench.gptq.modules import swap_in
 
-        swap_in(model, spec, device)
+        swap_in(model, spec, device, dtype)
     except ValueError as err:
         raise CheckpointError(f"{model_dir / 'config.json'}: quantization_config: {err}") from None
     return {f"{name}.{buffer}" for name in quantized_linears(model) for buffer in PACKED_BUFFERS}
