@@ -136,3 +136,14 @@ def test_every_source_layout_gives_the_same_export(tmp_path, calib, layout):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_merging_into_an_int4_base_is_refused(tmp_path, int4_model, capsys):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = tmp_path / "adapter"
+    model = load_model(TINY_REF, dtype="float32")
+    get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(adapter)
+    assert main(["merge", "--base", str(int4_model), "--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 2
+    assert "a quantised checkpoint; merge into the 16-bit model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

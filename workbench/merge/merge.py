@@ -31,6 +31,7 @@ from workbench.merge.combine import Combine, combine_adapters, model_key_order
 from workbench.merge.export import write_adapter_files, write_combined_adapter
 from workbench.merge.report import BaseCheck, build_report, write_report
 from workbench.model import checkpoint
+from workbench.model.config import load_config
 from workbench.model.shard_writer import ShardWriter
 
 TEMP_PREFIX = ".{name}.merging-"  # + the pid of the merge that writes it
@@ -87,6 +88,9 @@ def merge_adapters(base: str | Path, adapters: Sequence[str | Path], out: str | 
     if combine is not None:
         combine.check(len(adapter_dirs))  # a wrong --weights count fails before any adapter is read
     _check_paths(base_dir, adapter_dirs, out, overwrite)
+    if getattr(load_config(base_dir), "quantization_config", None):
+        raise WorkbenchError(f"--base {base}: a quantised checkpoint; merge into the 16-bit model it came from "
+                             "(then `workbench quantize` the merged model to ship it in Int4)")
     base_keys = set(checkpoint.weight_map(base_dir))
     sources = [read_adapter(d, base_keys) for d in adapter_dirs]
     lora = sources[0] if combine is None else combine_adapters(
