@@ -147,3 +147,21 @@ def test_merging_into_an_int4_base_is_refused(tmp_path, int4_model, capsys):
     assert main(["merge", "--base", str(int4_model), "--adapter", str(adapter), "--out", str(tmp_path / "out")]) == 2
     assert "a quantised checkpoint; merge into the 16-bit model" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_is_merged_first(tmp_path, calib):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from workbench.gptq.quantize import quantize
+    from workbench.merge.merge import merge_adapter
+
+    model = load_model(TINY_REF, dtype="float32")
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn", "w1"], init_lora_weights=False))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    merge_adapter(TINY_REF, tmp_path / "adapter", tmp_path / "merged")
+    quantize(tmp_path / "merged", calib, tmp_path / "a", GPTQSpec(group_size=64), samples=4)
+    quantize(TINY_REF, calib, tmp_path / "b", GPTQSpec(group_size=64), samples=4, adapter=tmp_path / "adapter")
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "adapter", "b", "merged"]  # no merged temp left
