@@ -13,7 +13,15 @@ from workbench.bench.flops import datasheet_peak
 from workbench.bench.suite.compare import side_by_side
 from workbench.bench.suite.original import FIXED_ARGS, failure_line, parse_output
 from workbench.bench.suite.original_launcher import MARK
-from workbench.bench.suite.plan import SECTION_NAMES, SECTIONS, TOTAL_BUDGET_S, Plan, dry_run_plan, gpu_plan
+from workbench.bench.suite.plan import (
+    SECTION_NAMES,
+    SECTIONS,
+    TOTAL_BUDGET_S,
+    Plan,
+    dry_run_plan,
+    gpu_plan,
+    share_spare,
+)
 from workbench.bench.suite.report import markdown
 from workbench.cli.main import main
 
@@ -255,6 +263,14 @@ def test_gpu_budgets_fit_eight_minutes_and_plans_round_trip(tmp_path):
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
     assert dry_run_plan(str(tmp_path), "cmd", None, None).device == "cpu"
+    # Without vLLM and the Int4 export (the lent machine today), their 40 s go to the others, pro rata,
+    # except to a section whose budget was set by --budget.
+    unavailable = {"serving": "no vLLM", "int4": "no export"}
+    assert sum(share_spare(gpu_plan(str(tmp_path), "cmd", None, None), unavailable, {}).values()) == pytest.approx(480)
+    shared = share_spare(plan, unavailable, {})
+    assert shared["serving"] == shared["int4"] == 0
+    assert shared["merge"] == 60 and shared["training"] == pytest.approx(150 + 40 * 150 / (480 - 40 - 100))
+    assert share_spare(plan, unavailable, {"original": "--only"})["original"] == 0
 
 
 def test_original_output_parsed():

@@ -23,7 +23,7 @@ from pathlib import Path
 import workbench
 from workbench.atomic import write_json, write_text
 from workbench.bench.suite.child import events_path
-from workbench.bench.suite.plan import SECTIONS, Plan, Section, budget_table
+from workbench.bench.suite.plan import SECTIONS, Plan, Section, budget_table, share_spare
 from workbench.bench.suite.recorder import read_events
 
 REPO_ROOT = Path(workbench.__file__).resolve().parents[1]
@@ -38,9 +38,25 @@ def run_suite(plan: Plan, only: Sequence[str] | None = None, setup: dict | None 
     out = Path(plan.out)
     (out / "sections").mkdir(parents=True, exist_ok=True)
     plan.save(out / "plan.json")
-    print(budget_table(plan), flush=True)
+    skipped = {spec.name: "not named in --only" for spec in SECTIONS if only and spec.name not in only}
+    unavailable = {name: reason for name, reason in ((s.name, _unavailable(s, plan)) for s in SECTIONS)
+                   if reason and name not in skipped}
+    budgets = share_spare(plan, unavailable, skipped)
+    print(budget_table(plan, budgets, {**skipped, **unavailable}), flush=True)
     started, date = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    sections = {spec.name: _section(spec, plan, only, started) for spec in SECTIONS}
+    sections = {}
+    for spec in SECTIONS:
+        base = {"what": spec.what, "budget_s": budgets[spec.name]}
+        if spec.name in skipped or spec.name in unavailable:
+            status = "not run" if spec.name in skipped else "not available"
+            sections[spec.name] = {**base, "status": status, "reason": {**skipped, **unavailable}[spec.name]}
+            continue
+        budget = min(budgets[spec.name], plan.total_budget_s - (time.monotonic() - started))
+        if budget < 1:
+            sections[spec.name] = {**base, "status": "not run",
+                                   "reason": "earlier sections spent the suite's total budget"}
+            continue
+        sections[spec.name] = {**base, **run_section(spec.name, plan, budget)}
     report = {"suite": {"command": plan.command, "date": date, "dry_run": plan.dry_run, "device": plan.device,
                         "budget_s": plan.total_budget_s, "seconds": time.monotonic() - started,
                         "setup": setup or {}, "plan": asdict(plan)},
@@ -52,18 +68,9 @@ def run_suite(plan: Plan, only: Sequence[str] | None = None, setup: dict | None 
     return report
 
 
-def _section(spec: Section, plan: Plan, only: Sequence[str] | None, started: float) -> dict:
-    base = {"what": spec.what, "budget_s": plan.budgets[spec.name]}
-    if only and spec.name not in only:
-        return {**base, "status": "not run", "reason": "not named in --only"}
-    reason = importlib.import_module(f"workbench.bench.suite.{spec.name}").available(plan)
-    if reason is None:
-        budget = min(plan.budgets[spec.name], plan.total_budget_s - (time.monotonic() - started))
-        if budget >= 1:
-            return {**base, **run_section(spec.name, plan, budget)}
-        reason = "not run: earlier sections spent the suite's total budget"
-    print(f"[{spec.name}] not available: {reason}", flush=True)
-    return {**base, "status": "not available", "reason": reason}
+def _unavailable(spec: Section, plan: Plan) -> str | None:
+    """Why a section cannot run here (a cheap check in this process), or None."""
+    return importlib.import_module(f"workbench.bench.suite.{spec.name}").available(plan)
 
 
 def section_env(plan: Plan) -> dict[str, str]:

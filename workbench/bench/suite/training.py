@@ -73,47 +73,51 @@ def run(plan: Plan, rec: Recorder) -> None:
     peak = datasheet_peak(name)
     rec.data(device=name, matmul_tflops=rate / 1e12, datasheet_tflops=peak / 1e12 if peak else None,
              dtype="bfloat16" if cuda else "float32", steps=plan.steps, grad_accum=plan.grad_accum)
-    row_s: float | None = None  # the last row's seconds: what the next one is expected to need
+    first_row_s = 0.0  # the last recipe's estimates, build and first length: what the next one needs
     for recipe in plan.recipes:
         reason = missing_package(recipe)
         if reason:
-            for seq_len in plan.seq_lens:
-                rec.skip(f"{recipe} @ {seq_len}", reason)
+            _skip_rest(rec, recipe, plan.seq_lens, reason)
             continue
-        row_s = _recipe(plan, rec, recipe, device, rate, peak, row_s)
+        first_row_s = _recipe(plan, rec, recipe, device, rate, peak, first_row_s) or first_row_s
         if cuda:
             torch.cuda.empty_cache()
 
 
 def _recipe(plan: Plan, rec: Recorder, recipe: str, device, rate: float, peak: float | None,
-            row_s: float | None) -> float | None:
+            first_row_s: float) -> float | None:
+    """One recipe's rows; returns how long its first row took (estimates and build included)."""
     from workbench.bench.run import iter_bench
 
-    if not rec.fits(row_s or 0):
-        _skip_rest(rec, recipe, plan.seq_lens, rec.over_budget(row_s or 0))
-        return row_s
+    if not rec.fits(first_row_s):
+        _skip_rest(rec, recipe, plan.seq_lens, rec.over_budget(first_row_s))
+        return None
+    start = time.monotonic()
     cuda = device.type == "cuda"
     estimate = estimates(plan, recipe, "bfloat16" if cuda else "float32")
     rows = iter_bench(recipe, list(plan.seq_lens), rate=rate, steps=plan.steps, grad_accum=plan.grad_accum,
                       tiny=plan.tiny, device=device)
-    previous = None
+    first, expected = None, 0.0
     try:
         for i, seq_len in enumerate(plan.seq_lens):
-            expected = row_s * seq_len / previous if row_s and previous else 0
             if i and not rec.fits(expected):
                 _skip_rest(rec, recipe, plan.seq_lens[i:], rec.over_budget(expected))
                 break
-            start = time.monotonic()
             try:
                 r = next(rows)
             except Exception as err:  # e.g. out of memory, a kernel the card lacks: the next recipe still runs
                 _skip_rest(rec, recipe, plan.seq_lens[i:], f"{type(err).__name__}: {str(err).splitlines()[0][:300]}")
                 break
-            row_s, previous = time.monotonic() - start, seq_len
-            rec.row(**_row(r, estimate[seq_len], peak), seconds=row_s)
+            seconds = time.monotonic() - start
+            first = first or seconds
+            rec.row(**_row(r, estimate[seq_len], peak), seconds=seconds)
+            # the next length: its steps (warm-up included), which grow about with the length
+            if i + 1 < len(plan.seq_lens):
+                expected = r.s_per_it * (plan.steps + 1) * plan.seq_lens[i + 1] / seq_len
+            start = time.monotonic()
     finally:
         rows.close()
-    return row_s
+    return first
 
 
 def _row(r, estimate_bytes: int, peak: float | None) -> dict:
