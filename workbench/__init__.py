@@ -8,6 +8,12 @@ classes with transformers' Auto classes, so that `AutoModelForCausalLM.from_pret
 the workbench's model and tokenizer (no remote code).
 """
 
+import logging
+
+# torchao (which gptqmodel brings) registers Enum classes with torch's pytree when transformers
+# imports it, and torch >= 2.14 logs a warning per class on every command: nothing a user can act on.
+logging.getLogger("torch.utils._pytree").addFilter(lambda record: "is an Enum subclass" not in record.getMessage())
+
 
 def __getattr__(name: str):
     if name in ("load_model", "load_tokenizer"):

@@ -21,6 +21,7 @@ from tests.vllm.conftest import CPU_MEMORY, TINY_REF, WORKBENCH
 from workbench.api import load_model, load_tokenizer
 from workbench.eval.parse import parse_boxes
 from workbench.model.image_processing import load_image, preprocess
+from workbench.model.modeling import kv_cache
 from workbench.prompt import make_context
 
 IMAGES = TINY_REF / "images"
@@ -78,7 +79,7 @@ def workbench_greedy(model, ids: list[int], images: list[Path], n: int = NEW_TOK
         token = int(logp.argmax())
         tokens.append(token)
         logprobs.append(float(logp[token]))
-        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=kv_cache(out), use_cache=True)
     return tokens, logprobs
 
 

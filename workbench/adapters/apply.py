@@ -29,6 +29,7 @@ The result is a plain `peft.PeftModel`; `PeftModel.from_pretrained(base, dir)` r
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -39,6 +40,7 @@ from workbench.adapters.quantize import quantize_model
 from workbench.adapters.recipe import COMPONENTS, Recipe
 from workbench.adapters.targets import PATTERNS, Targets, component_of, resolve_targets
 from workbench.atomic import follow_umask
+from workbench.gptq import quiet_library
 
 ADAPTER = "default"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -47,9 +49,13 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 def apply_recipe(model: nn.Module, recipe: Recipe) -> PeftModel:
     """Quantise (if the recipe says so), add LoRA, and set requires_grad exactly as the recipe says."""
     targets = resolve_targets(model, recipe)
+    quiet_library()  # PEFT imports gptqmodel when it creates LoRA layers
     if recipe.quantization is not None:
         quantize_model(model, targets.quantize, recipe.quantization)
-    peft_model = get_peft_model(model, lora_config(recipe, targets))
+    with warnings.catch_warnings():
+        # PEFT 0.21 reads `is_gradient_checkpointing`, which transformers 5.2x deprecates: not the user's to fix.
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        peft_model = get_peft_model(model, lora_config(recipe, targets))
     for name, module in peft_model.named_modules():
         if hasattr(module, "lora_dropout") and ADAPTER in module.lora_dropout:
             p = recipe.components[component_of(name)].dropout

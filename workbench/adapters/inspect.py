@@ -8,6 +8,8 @@ GPU memory estimate (activations only with a StepShape: they depend on batch and
 see activations.py):
   weights   = sum over frozen base tensors of numel * bytes(dtype)   [the run's dtype, bf16 by default]
               with the quantised linears at quantized_bytes instead   [4-bit column]
+              or the tensors of the GPTQ Int4 checkpoint (gptq/layout.py) [Int4-base column: a GPTQ
+              model, or the recipe on the Int4 export of this one]
   trainable = sum over trainable tensors of numel * 4 * bytes(param dtype)
               (the weight, its gradient, AdamW's exp_avg and exp_avg_sq, which torch keeps in the
               parameter's dtype: LoRA tensors are float32 -> 16 B, in-place trained bf16 -> 8 B)
@@ -28,6 +30,7 @@ from workbench.adapters.recipe import COMPONENTS, Quantization, Recipe
 from workbench.adapters.sharded_memory import SHARDED_FORMULA, per_device_bytes, unit_bytes
 from workbench.adapters.targets import PEFT_PREFIX, component_of, quantize_names, resolve_targets
 from workbench.dtypes import TORCH_DTYPES
+from workbench.gptq.layout import GPTQSpec, plan
 from workbench.model.checkpoint import resolve_config_dir
 
 MEMORY_FORMULA = ("weights: frozen numel x dtype bytes (4-bit: numel/2 + absmax per 64-block); "
@@ -54,6 +57,14 @@ def meta_model(model_dir: str | Path, dtype: str = "bfloat16") -> torch.nn.Modul
         return QWenLMHeadModel(QWenConfig.from_pretrained(str(model_dir))).to(TORCH_DTYPES[dtype])
 
 
+def _int4_bytes(model: torch.nn.Module, spec: GPTQSpec) -> int | None:
+    """Bytes of the model's GPTQ checkpoint; None when the group size does not divide its layers."""
+    try:
+        return sum(s.nbytes for s in plan(model, spec))
+    except ValueError:
+        return None
+
+
 def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16", devices: int | None = None,
                    step: StepShape | None = None) -> dict:
     """Per-component adapted modules, LoRA / fully trained / quantised counts and a memory estimate.
@@ -69,6 +80,10 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
     # The 4-bit column uses the recipe's quantisation, or QLoRA's default (NF4 LLM linears) without one.
     q = recipe.quantization or Quantization()
     quantized = quantize_names(dict(model.named_modules()), q)
+    # The GPTQ column: the model's own spec when it is an Int4 checkpoint, else the release's.
+    gptq = GPTQSpec.from_config(model.config) or GPTQSpec()
+    exports = {"16bit": sum(p.numel() * 2 for p in model.state_dict().values()), "int4": _int4_bytes(model, gptq)}
+    is_gptq = GPTQSpec.from_config(model.config) is not None
     with torch.device("meta"):
         peft_model = apply_recipe(model, dataclasses.replace(recipe, quantization=None))
 
@@ -97,13 +112,21 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
         weights += nbytes
         base = pname.replace(".base_layer.", ".")
         weights_4bit += quantized_bytes(param.numel(), param.shape[0], q) if base in quantized_weights else nbytes
-    memory = {"weights": weights, "weights_4bit": int(weights_4bit), "trainable": trainable_bytes,
-              "total": weights + trainable_bytes, "total_4bit": int(weights_4bit) + trainable_bytes}
+    # On a GPTQ base the frozen weights are the Int4 checkpoint's tensors as they sit on the GPU, less
+    # what the recipe trains in place (counted in trainable).
+    trained_in_place = sum(p.numel() * 2 for n, p in peft_model.named_parameters()
+                           if p.requires_grad and ".lora_" not in n and ".modules_to_save." not in n)
+    weights_gptq = exports["int4"] - trained_in_place if exports["int4"] is not None else None
+    memory = {"weights": weights, "weights_4bit": int(weights_4bit), "weights_gptq": weights_gptq,
+              "trainable": trainable_bytes, "total": weights + trainable_bytes,
+              "total_4bit": int(weights_4bit) + trainable_bytes,
+              "total_gptq": weights_gptq + trainable_bytes if weights_gptq is not None else None}
     activation_terms = None
     if step is not None:
         activation_terms = estimate_activations(peft_model, step)
         memory["activations"] = activation_terms["activations"]
-        resident = memory["total_4bit"] if recipe.quantization is not None else memory["total"]
+        resident = (memory["total_gptq"] if is_gptq else memory["total_4bit"] if recipe.quantization is not None
+                    else memory["total"])
         memory["step_total"] = resident + activation_terms["activations"]
     sharded = None
     if devices is not None:
@@ -122,6 +145,8 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
                    "trained_params": trained + to_save, "trainable_params": lora + trained + to_save,
                    "quantized_modules": len(targets.quantize)},
         "memory_bytes": memory,
+        "gptq": dataclasses.asdict(gptq) | {"base_is_gptq": is_gptq},
+        "export_bytes": exports,
         "memory_formula": MEMORY_FORMULA,
         **({"step": dataclasses.asdict(step), "activation_terms": activation_terms} if step else {}),
         **({"memory_per_device": sharded} if sharded else {}),

@@ -26,6 +26,7 @@ from torch import nn
 
 from workbench.adapters.recipe import COMPONENTS, LAYERED, Quantization, Recipe
 from workbench.errors import ConfigError, nearest
+from workbench.gptq.modules import is_gptq_linear
 
 BLOCKS = {"llm": "transformer.h.", "vit": "transformer.visual.transformer.resblocks."}
 RESAMPLER = "transformer.visual.attn_pool."
@@ -130,7 +131,8 @@ def _candidates(modules: dict[str, nn.Module], comp: str) -> dict[str, str]:
     mha = [n for n, m in modules.items() if isinstance(m, nn.MultiheadAttention)]
     out = {}
     for name, module in modules.items():
-        if not isinstance(module, nn.Linear | nn.MultiheadAttention) or component_of(name) != comp:
+        lora_able = isinstance(module, nn.Linear | nn.MultiheadAttention) or is_gptq_linear(module)
+        if not lora_able or component_of(name) != comp:
             continue
         if any(name.startswith(m + ".") for m in mha):
             continue  # the MHA's out_proj: PEFT adapts it through the MHA (its forward is never called)

@@ -64,7 +64,7 @@ def format_report(report: dict) -> str:
                  str(t["quantized_modules"]), ""))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    m, q = report["memory_bytes"], report["quantization"]
+    m, q, g, e = report["memory_bytes"], report["quantization"], report["gptq"], report["export_bytes"]
     qdesc = (f"{q['bits']}-bit {q['quant_type'] if q['bits'] == 4 else 'int8'} of {q['modules']} linears"
              + ("" if q["applied"] else ", if the recipe quantised"))
     lines = [
@@ -78,6 +78,11 @@ def format_report(report: dict) -> str:
         f"total {m['total'] / GIB:.2f} / {m['total_4bit'] / GIB:.2f} GiB",
         f"  ({report['memory_formula']})",
     ]
+    if e["int4"] is not None:
+        lines += [f"on a GPTQ Int4 base ({g['bits']}-bit, group {g['group_size']}"
+                  f"{'' if g['base_is_gptq'] else ', as after workbench quantize'}): weights "
+                  f"{m['weights_gptq'] / GIB:.2f} GiB, total {m['total_gptq'] / GIB:.2f} GiB",
+                  f"checkpoint sizes: 16-bit {e['16bit'] / 1e9:.2f} GB, Int4 {e['int4'] / 1e9:.2f} GB"]
     if "activations" in m:
         st, a = report["step"], report["activation_terms"]
         ckpt = (f"checkpointing every {st['checkpoint_every']} block(s)" if st["gradient_checkpointing"]

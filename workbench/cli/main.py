@@ -18,7 +18,7 @@ from workbench.errors import WorkbenchError, describe
 # repack path off), so the warning would only alarm people.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-COMMANDS = ["train", "merge", "inspect", "data", "eval", "chat", "serve", "bench", "vit", "demo", "schema"]
+COMMANDS = ["train", "merge", "quantize", "inspect", "data", "eval", "chat", "serve", "bench", "vit", "demo", "schema"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,8 +65,10 @@ class BaseCheck:
 
 
 def _recorded(lora: Adapter) -> dict | None:
+    """The base the adapter merges onto: for training on an Int4 export, the 16-bit model it came from."""
     record = lora.run_record or {}
-    return (record.get("base_model") or {}).get("fingerprint", record.get("base_fingerprint"))
+    base = record.get("base_model") or {}
+    return base.get("quantized_from") or base.get("fingerprint", record.get("base_fingerprint"))
 
 
 def quantization(lora: Adapter) -> str | None:
@@ -74,6 +76,8 @@ def quantization(lora: Adapter) -> str | None:
     q = ((lora.run_record or {}).get("recipe") or {}).get("quantization")
     if q:  # the recipe's bitsandbytes settings, as `workbench train` records them
         return f"bitsandbytes {q.get('bits')}-bit {q.get('quant_type') if q.get('bits') == 4 else 'int8'}"
+    if ((lora.run_record or {}).get("base_model") or {}).get("quantized_from"):
+        return "GPTQ (trained on the workbench's Int4 export of this base)"
     # The official finetune.py Q-LoRA trains on Qwen/Qwen-VL-Chat-Int4 and leaves no run record.
     name = str(lora.config.get("base_model_name_or_path") or "").lower()
     return "GPTQ int4" if "int4" in name or "gptq" in name else None

@@ -217,6 +217,29 @@ def read_through(path: Path) -> None:
         pass
 
 
+def read_tensors(model_dir: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:
+    """Only the named tensors (on the CPU, stored dtype): single tensors of a safetensors file, or
+    picked from a mapped .bin file, so a block of the 9.6B model costs that block's bytes."""
+    where = weight_map(model_dir)
+    unknown = [n for n in names if n not in where]
+    if unknown:
+        raise CheckpointError(f"{model_dir}: no tensor {unknown[0]} in its weights")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(where[name], []).append(name)
+    out = {}
+    for path, keys in by_file.items():
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(path, framework="pt") as f:
+                    out.update({k: f.get_tensor(k) for k in keys})
+            except Exception as e:
+                raise CheckpointError(f"{path}: cannot read tensors ({type(e).__name__}: {first_line(e)})") from None
+        else:
+            out.update(_shard(load_weight_file(path, mmap=True), keys, path))
+    return out
+
+
 def tensor_specs(model_dir: str | os.PathLike) -> list[TensorSpec]:
     """Name, dtype and shape of every weight in `iter_shards` order, reading no tensor data."""
     specs: list[TensorSpec] = []
@@ -284,6 +307,7 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
     config._name_or_path = str(path_or_repo)
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
+    packed = _swap_in_gptq(model, config, model_dir, device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     _check_keys(model_dir, expected, weight_map(model_dir))
     shards = list(dict.fromkeys(weight_map(model_dir).values()))
@@ -294,8 +318,13 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
                 raise CheckpointError(f"{path}: {key} has shape {list(tensor.shape)}, "
                                       f"the config expects {list(expected[key])}")
         check_finite(tensors, path)
-        tensors = {k: t.to(device=device, dtype=dtype) for k, t in tensors.items()}
+        # A GPTQ linear's tensors keep their stored dtypes (int32 codes, float16 scales).
+        tensors = {k: t.to(device=device, dtype=None if k in packed else dtype) for k, t in tensors.items()}
         model.load_state_dict(tensors, strict=False, assign=True)
+    if packed:
+        from workbench.gptq.modules import finish
+
+        finish(model)
     if (model_dir / "generation_config.json").is_file():
         try:
             model.generation_config = GenerationConfig.from_pretrained(model_dir)
@@ -303,6 +332,23 @@ def load_model(path_or_repo: str | os.PathLike, dtype: torch.dtype | str | None 
             raise CheckpointError(f"{model_dir / 'generation_config.json'}: cannot be read ({first_line(err)}); "
                                   "fix it or delete it to use the defaults") from None
     return model.eval()
+
+
+def _swap_in_gptq(model, config: QWenConfig, model_dir: Path, device: str | torch.device) -> set[str]:
+    """For a GPTQ checkpoint (quantization_config in config.json): put GPTQModel's quantised linears
+    in the meta model and return the names of their tensors; an empty set for a 16-bit model."""
+    from workbench.gptq.layout import PACKED_BUFFERS, GPTQSpec, quantized_linears
+
+    try:
+        spec = GPTQSpec.from_config(config)
+        if spec is None:
+            return set()
+        from workbench.gptq.modules import swap_in
+
+        swap_in(model, spec, device)
+    except ValueError as err:
+        raise CheckpointError(f"{model_dir / 'config.json'}: quantization_config: {err}") from None
+    return {f"{name}.{buffer}" for name in quantized_linears(model) for buffer in PACKED_BUFFERS}
 
 
 def check_finite(tensors: dict[str, torch.Tensor], path: Path | str) -> None:

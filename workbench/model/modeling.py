@@ -30,6 +30,16 @@ from workbench.model.qwen import PromptKV, QWenBlock, RMSNorm, Segments, logn_fa
 from workbench.model.vision import VisionTransformer
 
 IGNORE_INDEX = -100
+# transformers 5.20 renamed the KV cache's argument and output field `past_key_values` -> `cache`.
+# The model takes both and answers in the installed release's name: the GPU machine and vLLM's
+# environment carry releases from before the rename.
+CACHE_KWARG = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def kv_cache(output: BaseModelOutputWithPast) -> Cache | None:
+    """The KV cache a forward returned, whichever name the installed transformers gives it."""
+    return getattr(output, CACHE_KWARG)
+
 DUMMY_IMAGE_SIZE = 224  # the release's text-only training dummy: always 224, whatever image_size is
 
 
@@ -197,8 +207,9 @@ class QWenModel(QWenPreTrainedModel):
                 pixel_values: torch.Tensor | None = None, past_key_values: Cache | None = None,
                 use_cache: bool | None = None, output_hidden_states: bool = False,
                 segment_ids: torch.Tensor | None = None, image_features: torch.Tensor | None = None,
-                prompt_kv: PromptKV | None = None, **ignored) -> BaseModelOutputWithPast:
+                prompt_kv: PromptKV | None = None, cache: Cache | None = None, **ignored) -> BaseModelOutputWithPast:
         cfg = self.config
+        past_key_values = cache if cache is not None else past_key_values
         batch, seq_len = input_ids.shape
         if prompt_kv is not None:
             if past_key_values is not None or use_cache or segment_ids is not None:
@@ -248,7 +259,7 @@ class QWenModel(QWenPreTrainedModel):
         if output_hidden_states:
             all_hidden.append(hidden)
         return BaseModelOutputWithPast(last_hidden_state=hidden,
-                                       past_key_values=past_key_values if use_cache else None,
+                                       **{CACHE_KWARG: past_key_values if use_cache else None},
                                        hidden_states=tuple(all_hidden) if output_hidden_states else None)
 
 
@@ -292,9 +303,10 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 labels: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool = False, segment_ids: torch.Tensor | None = None,
-                image_features: torch.Tensor | None = None, **ignored) -> CausalLMOutputWithPast:
+                image_features: torch.Tensor | None = None, cache: Cache | None = None,
+                **ignored) -> CausalLMOutputWithPast:
         out = self.transformer(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                               past_key_values=past_key_values, use_cache=use_cache,
+                               past_key_values=cache if cache is not None else past_key_values, use_cache=use_cache,
                                output_hidden_states=output_hidden_states, segment_ids=segment_ids,
                                image_features=image_features)
         hidden = out.last_hidden_state
@@ -307,7 +319,7 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
                 labels = labels.to(logits.device, torch.int64)
                 loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
                                        ignore_index=IGNORE_INDEX)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_KWARG: kv_cache(out)},
                                       hidden_states=out.hidden_states)
 
     def _chunked_loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

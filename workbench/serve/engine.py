@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import DynamicCache
 
+from workbench.model.modeling import kv_cache
 from workbench.serve.models import ServedModel
 
 log = logging.getLogger("workbench.serve")
@@ -187,7 +188,7 @@ class Engine:
     def _forward(self, key: str, rows: list[Row], **inputs):
         extra = self.served.activate(key, [r.adapter for r in rows])
         out = self.served.model(**inputs, **extra, use_cache=True)
-        return out.logits[:, -1].float(), out.past_key_values
+        return out.logits[:, -1].float(), kv_cache(out)
 
     def _prefill(self, rows: list[Row], batch: Batch | None) -> Batch:
         width = batch.mask.shape[1] if batch is not None else max(len(r.ids) for r in rows)

@@ -22,6 +22,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from workbench.atomic import write_text
 
+# transformers 5.2x renamed TrainingArguments.gradient_checkpointing(_kwargs) to activation_checkpointing
+# (the old names warn); the GPU machine's older release knows only the old ones.
+CHECKPOINTING = ("activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__
+                 else "gradient_checkpointing")
+
 
 def checkpoint_every_kth_block(model: torch.nn.Module, every: int) -> int:
     """Selective activation checkpointing: after `gradient_checkpointing_enable`, keep recomputing
@@ -40,7 +45,7 @@ class SelectiveCheckpointing(TrainerCallback):
         self.every = every
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw: Any):
-        if args.gradient_checkpointing and self.every > 1:
+        if getattr(args, CHECKPOINTING) and self.every > 1:
             checkpoint_every_kth_block(kw["model"], self.every)
 
 

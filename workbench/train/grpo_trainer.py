@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from workbench.model.modeling import CACHE_KWARG
 from workbench.train import grpo
 from workbench.train.logprobs import answer_hidden
 from workbench.train.rewards import weighted_rewards
@@ -228,7 +229,7 @@ def generate_groups(model: torch.nn.Module, ids: torch.Tensor, attention_mask: t
     cache.batch_repeat_interleave(group_size)
     return model.generate(input_ids=ids.repeat_interleave(group_size, 0),
                           attention_mask=attention_mask.repeat_interleave(group_size, 0),
-                          past_key_values=cache, use_cache=True, **generate_kwargs)
+                          use_cache=True, **{CACHE_KWARG: cache}, **generate_kwargs)
 
 
 def answer_logprobs(lm: torch.nn.Module, rollout: Rollout, group_size: int, temperature: float) -> torch.Tensor:

@@ -148,10 +148,14 @@ def start_run_record(output_dir: Path, config: RunConfig, trainable_params: int,
     Resuming on other base weights is refused (the adapter would not fit them); changed data
     files only warn, since the data order then differs from the interrupted run's.
     """
+    from workbench.gptq.quantize import quantized_from
     from workbench.model.checkpoint import fingerprint, resolve_model_dir
 
     model_dir = resolve_model_dir(config.model)
     base = {"path": str(model_dir.resolve()), "fingerprint": fingerprint(model_dir)}
+    source = quantized_from(model_dir)
+    if source is not None:  # an Int4 export: its adapters merge onto the 16-bit model it came from
+        base["quantized_from"] = source
     data = data_fingerprint(data_files)
     path = output_dir / RECORD_NAME
     run = json.loads(path.read_text(encoding="utf-8")) if resume_from is not None and path.exists() else None

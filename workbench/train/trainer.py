@@ -28,7 +28,13 @@ from workbench import run_folder
 from workbench.atomic import write_json
 from workbench.errors import ConfigError
 from workbench.train import distributed, methods, record
-from workbench.train.callbacks import MetricsLogger, ProgressBar, RunGuard, SelectiveCheckpointing
+from workbench.train.callbacks import (
+    CHECKPOINTING,
+    MetricsLogger,
+    ProgressBar,
+    RunGuard,
+    SelectiveCheckpointing,
+)
 from workbench.train.config import RunConfig
 from workbench.train.methods.base import TrainData
 from workbench.train.plots import plot_loss_curve
@@ -73,9 +79,8 @@ def training_arguments(config: RunConfig, has_eval: bool) -> TrainingArguments:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=t.gradient_checkpointing,
         # non-reentrant: no need for inputs that require grad, works with frozen embeddings
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        **{CHECKPOINTING: t.gradient_checkpointing, f"{CHECKPOINTING}_kwargs": {"use_reentrant": False}},
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN must show in the logs, not be averaged away
         include_num_input_tokens_seen="non_padding" if methods.get(config.method).counts_tokens else "no",
