@@ -156,16 +156,14 @@ def test_cpu_dry_run_runs_every_section(tmp_path):
     # Every section is there, with measured rows or the reason it has none.
     assert list(sections) == list(SECTION_NAMES)
     expected = {name: "ok" for name in SECTION_NAMES}
-    expected["int4"] = "not available"  # until workbench.quantize lands
+    expected["int4"] = "not available"  # GPTQModel's CUDA kernels: GPU only
     for name, section in sections.items():
         assert section["status"] in ("ok", "not available", "failed", "over budget", "not run")
         if section["status"] == "ok":
             assert section["rows"], name
         else:
             assert isinstance(section["reason"], str) and section["reason"], name
-    statuses = {name: s["status"] for name, s in sections.items()}
-    assert {k: v for k, v in statuses.items() if k != "int4"} == {k: v for k, v in expected.items() if k != "int4"}
-    assert statuses["int4"] == "ok" or "quantize" in sections["int4"]["reason"] or "gptqmodel" in sections["int4"]["reason"]
+    assert {name: s["status"] for name, s in sections.items()} == expected
 
     env = sections["environment"]["rows"][0]
     assert env["device"] == "cpu" and env["versions"]["torch"] and env["driver"]
@@ -344,6 +342,19 @@ def test_comparison_and_rows_of_a_gpu_run():
     assert memory[0]["estimate error %"] == "+5.0" and memory[0]["original / workbench reserved"] == "0.99"
     assert speed[3]["workbench s/it"] == "over the section's budget"
     assert "NVIDIA H100 80GB HBM3" in md and "transformers 4.32.0" in md and "- int4: int4 absent" in md
+
+
+def test_int4_rows_from_bench_int4():
+    from workbench.bench.suite.int4 import rows_of
+
+    result = {"quantize_seconds": 210.5, "samples": 8,
+              "bf16": {"acc@0.5": 0.0, "weights_gb": 19.3, "generate_tokens_per_s": 250.0, "peak_allocated_gib": 19.9},
+              "int4": {"acc@0.5": 0.0, "weights_gb": 9.7, "generate_tokens_per_s": 180.0, "peak_allocated_gib": 10.4}}
+    report = gpu_report()
+    report["sections"]["int4"] = {"status": "ok", "rows": rows_of(result)}
+    table = parse_tables(markdown(report))[-1]
+    assert [(r["model"], r["generation tokens/s"], r["peak allocated GiB"], r["quantize s"]) for r in table] == [
+        ("bf16", "250.0", "19.90", "-"), ("int4", "180.0", "10.40", "210")]
 
 
 def test_datasheet_peaks_match_the_specific_name_first():

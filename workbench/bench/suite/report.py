@@ -157,10 +157,10 @@ def int4_table(report: dict) -> list[str]:
     rows = _rows(report, "int4")
     if not rows:
         return []
-    body = [[r["model"], str(r["new_tokens"]), f"{r['tokens_per_s']:.1f}", f"{r['peak_allocated_gib']:.2f}"]
-            for r in rows]
-    return ["Int4 export vs bf16 (greedy generation, batch 1):", "",
-            *table(["model", "new tokens", "tokens/s", "peak allocated GiB"], body), ""]
+    body = [[r["model"], num(r["generate_tokens_per_s"], ".1f"), num(r["peak_allocated_gib"], ".2f"),
+             num(r["weights_gb"], ".2f"), num(r.get("quantize_s"), ".0f", DASH)] for r in rows]
+    return ["Int4 export on GPTQModel's CUDA kernels vs bf16 (`python -m workbench.bench.int4`, greedy generation):",
+            "", *table(["model", "generation tokens/s", "peak allocated GiB", "weights GB", "quantize s"], body), ""]
 
 
 def not_measured(report: dict) -> list[str]:

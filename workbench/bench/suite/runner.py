@@ -76,7 +76,10 @@ def _unavailable(spec: Section, plan: Plan) -> str | None:
 def section_env(plan: Plan) -> dict[str, str]:
     """The sections' environment: the carried site (installed wheels) and this tree first on the path."""
     paths = [p for p in (plan.site, str(REPO_ROOT), os.environ.get("PYTHONPATH")) if p]
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
+    if plan.dry_run:  # the tiny model gains nothing from a second thread; on busy cores two threads spin on each other
+        env["OMP_NUM_THREADS"] = "1"
+    return env
 
 
 def run_section(name: str, plan: Plan, budget_s: float) -> dict:
