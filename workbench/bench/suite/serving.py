@@ -39,12 +39,11 @@ def vllm_missing() -> str | None:
 
 
 def available(plan: Plan) -> str | None:
+    reason = vllm_missing() if "vllm" in plan.serve_engines else None
     missing = [p for p in SERVER_PACKAGES if importlib.util.find_spec(p) is None]
     if missing:
-        return f"workbench serve cannot start: {', '.join(missing)} not installed"
-    if "vllm" in plan.serve_engines:
-        return vllm_missing()
-    return None
+        reason = "; ".join(filter(None, [reason, f"workbench serve cannot start: {', '.join(missing)} not installed"]))
+    return reason
 
 
 def run(plan: Plan, rec: Recorder) -> None:
