@@ -29,17 +29,21 @@ def header(report: dict) -> list[str]:
     env = (_rows(report, "environment") or [{}])[0]
     versions = env.get("versions", {})
     train = sections["training"].get("data", {})
-    orig = sections["original"].get("data", {}).get("versions", {})
+    orig = sections["original"]
+    carried = orig.get("data", {}).get("versions") or {}
     title = "GPU suite" if not suite["dry_run"] else "GPU suite, CPU dry run on the tiny model"
+    gpus = f" x {env['gpus']}" if env.get("gpus") else ""
     lines = [f"### {title}: {suite['date']}", ""]
     if suite["dry_run"]:
         lines += ["**A dry run: these numbers check that every section's code runs; they measure nothing "
                   "about the 9.6B model.**", ""]
-    original = (f"the original: finetune.py with transformers {orig.get('transformers', '?')}, peft "
-                f"{orig.get('peft', '?')}, accelerate {orig.get('accelerate', '?')}" if orig else
-                sections["original"].get("reason") or "original: not run")
+    if orig.get("status") == "ok":
+        names = ", ".join(f"{k} {carried[k]}" for k in ("transformers", "peft", "accelerate", "deepspeed") if k in carried)
+        original = f"the original: finetune.py with {names or 'the packages of this environment'}"
+    else:
+        original = orig.get("reason") or "original: not run"
     lines += [
-        f"Device: {env.get('device', '?')} x {env.get('gpus', 0)} (driver {env.get('driver', '?')}, CUDA "
+        f"Device: {env.get('device', '?')}{gpus} (driver {env.get('driver', '?')}, CUDA "
         f"{env.get('cuda') or 'n/a'}), Python {env.get('python', '?')}, torch {versions.get('torch', '?')}, "
         f"transformers {versions.get('transformers', '?')}, peft {versions.get('peft', '?')}, bitsandbytes "
         f"{versions.get('bitsandbytes', '?')}; {original}. Measured {train.get('dtype', '?')} matmul rate "
