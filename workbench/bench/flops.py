@@ -42,3 +42,24 @@ def step_flops(config: QWenConfig, seq_len: int, images_per_sample: int, grad_ac
     llm = 3 * blocks + 2 * head  # forward + input-gradient backward + recomputation (not lm_head)
     vision = images_per_sample * vision_forward_flops(config)
     return grad_accum * (llm + vision)
+
+
+# Dense bf16 tensor-core peaks from NVIDIA's datasheets (TFLOP/s, without sparsity), for MFU:
+# achieved FLOP/s over what the card can do at most. Matched on torch.cuda.get_device_name(), the
+# more specific names first (an "H100 NVL" also contains "H100").
+DATASHEET_BF16_TFLOPS = (
+    ("H200 NVL", 835.0),
+    ("H200", 989.4),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("A100", 312.0),
+)
+
+
+def datasheet_peak(device_name: str) -> float | None:
+    """FLOP/s of the card's dense bf16 datasheet peak, or None for a card not in the table (or the CPU)."""
+    for key, tflops in DATASHEET_BF16_TFLOPS:
+        if key in device_name:
+            return tflops * 1e12
+    return None

@@ -34,17 +34,23 @@ PROBE = "transformer.h.0.attn.c_attn.weight"  # a merged tensor the bench checks
 UNTOUCHED = "transformer.wte.weight"
 
 
-def release_shapes() -> dict[str, torch.Size]:
+def model_shapes(model_dir: Path) -> dict[str, torch.Size]:
+    """Every state-dict key of the model a folder's config.json describes, with its shape (meta device)."""
     from workbench.model.config import load_config
     from workbench.model.modeling import QWenLMHeadModel
 
     with torch.device("meta"):
-        model = QWenLMHeadModel(load_config(RELEASE))
+        model = QWenLMHeadModel(load_config(model_dir))
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def write_release(base: Path, seed: int = 0) -> Path:
-    """The random release (about 19.3 GB); kept and reused when a previous call completed it."""
+def release_shapes() -> dict[str, torch.Size]:
+    return model_shapes(RELEASE)
+
+
+def write_release(base: Path, seed: int = 0, device: str = "cpu") -> Path:
+    """The random release (about 19.3 GB); kept and reused when a previous call completed it.
+    `device` draws the values there (a GPU draws 9.6B values in a moment; the CPU takes minutes)."""
     done = base / ".complete"
     if done.exists():
         return base
@@ -52,23 +58,24 @@ def write_release(base: Path, seed: int = 0) -> Path:
     for name in ("config.json", "generation_config.json", BIN_INDEX):
         shutil.copyfile(RELEASE / name, base / name)
     shapes = release_shapes()
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=device).manual_seed(seed)
     files = shard_files(base)
     for path, keys in tqdm(files, desc="writing the random release", unit="file"):
-        shard = {k: torch.empty(shapes[k], dtype=torch.bfloat16).normal_(0, 0.02, generator=generator)
-                 for k in keys}
+        shard = {k: torch.empty(shapes[k], dtype=torch.bfloat16, device=device).normal_(0, 0.02, generator=generator)
+                 .cpu() for k in keys}
         torch.save(shard, path)
         del shard
     done.touch()
     return base
 
 
-def write_adapter(out: Path, seed: int = 1) -> Path:
-    """An official-lora adapter folder for the release, as PEFT saves one (random A and B)."""
+def write_adapter(out: Path, seed: int = 1, shapes: dict[str, torch.Size] | None = None) -> Path:
+    """An official-lora adapter folder for the release (or for the model of `shapes`), as PEFT saves
+    one (random A and B)."""
     from peft import LoraConfig
     from safetensors.torch import save_file
 
-    shapes = release_shapes()
+    shapes = shapes or release_shapes()
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for key, shape in shapes.items():
@@ -142,8 +149,9 @@ def timed_child(code: str, evict_paths: list[Path], source: Path | None = None,
 
 
 def check_merge(base: Path, adapter: Path, merged: Path) -> dict:
-    """The probe tensor equals W + alpha/r B@A computed in float32 and rounded to bf16 (the merge's
-    maths, written out by hand); an untouched tensor is bit-equal to the base's."""
+    """The probe tensor equals W + alpha/r B@A computed in float32 and rounded to the base's dtype
+    (bf16 for the release; the merge's maths, written out by hand); an untouched tensor is
+    bit-equal to the base's."""
     from safetensors import safe_open
 
     from workbench.model.checkpoint import load_weight_file, weight_map
@@ -153,17 +161,22 @@ def check_merge(base: Path, adapter: Path, merged: Path) -> dict:
     with safe_open(adapter / "adapter_model.safetensors", "pt") as f:
         prefix = f"base_model.model.{PROBE.removesuffix('.weight')}"
         a, b = f.get_tensor(f"{prefix}.lora_A.weight"), f.get_tensor(f"{prefix}.lora_B.weight")
-    expected = (w.float() + (ALPHA / RANK) * (b.float() @ a.float())).bfloat16()
+    expected = (w.float() + (ALPHA / RANK) * (b.float() @ a.float())).to(w.dtype)
     with safe_open(merged_map[PROBE], "pt") as f:
         got = f.get_tensor(PROBE)
     with safe_open(merged_map[UNTOUCHED], "pt") as f:
         untouched = f.get_tensor(UNTOUCHED)
     original = load_weight_file(base_map[UNTOUCHED], mmap=True)[UNTOUCHED]
-    return {"probe_equal": bool(torch.equal(got, expected)), "untouched_bit_equal": bool(torch.equal(untouched, original))}
+    # On a GPU the float32 sum runs in another order than the CPU's: a few values may round to the
+    # neighbouring bf16 number, which the largest difference shows.
+    return {"probe_equal": bool(torch.equal(got, expected)),
+            "probe_max_abs_diff": float((got.float() - expected.float()).abs().max()),
+            "untouched_bit_equal": bool(torch.equal(untouched, original))}
 
 
+# `options`: extra keyword arguments as source text ("" for a tree older than merge's `device`).
 MERGE_CODE = ("from workbench.merge import merge_adapter; "
-              "merge_adapter({base!r}, {adapter!r}, {out!r}, overwrite=True)")
+              "merge_adapter({base!r}, {adapter!r}, {out!r}, overwrite=True{options})")
 LOAD_CODE = ("import time; from workbench import load_model; t = time.perf_counter(); "
              "m = load_model({base!r}, dtype='bfloat16'); "
              "print(f'load_model: {{time.perf_counter() - t:.1f}} s', flush=True)")
@@ -189,7 +202,7 @@ def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None)
     shutil.rmtree(folder / "copy")  # disk: the release fits three times on a 73 GB disk, not four
     results["load_average"]["after_copy"] = os.getloadavg()
     merged = folder / "merged"
-    code = MERGE_CODE.format(base=str(base), adapter=str(adapter), out=str(merged))
+    code = MERGE_CODE.format(base=str(base), adapter=str(adapter), out=str(merged), options="")
     if before is not None:
         results["before_merge_cpu"] = {}
         results["before_merge_s"], results["before_merge_rss"] = timed_child(code, base_files, before,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import torch
@@ -72,26 +73,32 @@ def build_model(recipe_name: str, tiny: bool, device: torch.device, dtype: torch
 def run_bench(recipe_name: str, seq_lens: list[int], *, rate: float, steps: int = 3, grad_accum: int = 8,
               tiny: bool = False, device: torch.device) -> list[BenchResult]:
     """One recipe at several lengths; `rate` is `matmul_rate(device, dtype)`, measured once per run."""
+    return list(iter_bench(recipe_name, seq_lens, rate=rate, steps=steps, grad_accum=grad_accum, tiny=tiny,
+                           device=device))
+
+
+def iter_bench(recipe_name: str, seq_lens: list[int], *, rate: float, steps: int = 3, grad_accum: int = 8,
+               tiny: bool = False, device: torch.device) -> Iterator[BenchResult]:
+    """`run_bench`, one result at a time as each length finishes (the GPU suite records each row at
+    once and may stop between lengths when its time budget runs out)."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = build_model(recipe_name, tiny, device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.1, betas=(0.9, 0.95),
                                   fused=device.type == "cuda")
     config = model.base_model.model.config
-    results = []
     for seq_len in seq_lens:
         batch = synthetic_batch(config, seq_len, device)
         times = _time_steps(model, optimizer, batch, steps, grad_accum, device, f"{recipe_name} @ {seq_len}")
         s_it = statistics.median(times)
         flops = step_flops(config, seq_len, images_per_sample=1, grad_accum=grad_accum)
         cuda = device.type == "cuda"
-        results.append(BenchResult(
+        yield BenchResult(
             recipe=recipe_name, seq_len=seq_len, s_per_it=s_it, tokens_per_s=seq_len * grad_accum / s_it,
             peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GiB if cuda else None,
             peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GiB if cuda else None,
             tflops=flops / s_it / 1e12, pct_of_matmul=100 * flops / s_it / rate,
-            trainable_params=sum(p.numel() for p in params)))
-    return results
+            trainable_params=sum(p.numel() for p in params))
 
 
 def _time_steps(model, optimizer, batch: dict, steps: int, grad_accum: int, device: torch.device,

@@ -52,19 +52,31 @@ def default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(previous)
 
 
-def synthetic_batch(config: QWenConfig, seq_len: int, device: torch.device, seed: int = 0) -> dict:
-    """One sample of exactly `seq_len` tokens with one image span; the second half is supervised."""
+def random_image(seed: int) -> Image.Image:
+    """The workload's image: IMAGE_WH of uniform noise (no two seeds alike, so no cache can dedupe them)."""
+    rgb = np.random.default_rng(seed).integers(0, 256, (IMAGE_WH[1], IMAGE_WH[0], 3), dtype=np.uint8)
+    return Image.fromarray(rgb)
+
+
+def sample_ids(config: QWenConfig, seq_len: int, supervised: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids [seq_len] of random text with one image span after PROMPT_OFFSET text tokens, and labels
+    that supervise the last `supervised` positions."""
     if seq_len < PROMPT_OFFSET + IMAGE_SPAN + 2:
         raise ValueError(f"seq_len {seq_len} leaves no room for text around a {IMAGE_SPAN}-token image")
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, n_text_tokens(config), (1, seq_len), generator=generator)
+    ids = torch.randint(0, n_text_tokens(config), (seq_len,), generator=generator)
     start = config.image_start_id
-    ids[0, PROMPT_OFFSET] = start
-    ids[0, PROMPT_OFFSET + 1: PROMPT_OFFSET + IMAGE_SPAN - 1] = start + 2  # <imgpad>
-    ids[0, PROMPT_OFFSET + IMAGE_SPAN - 1] = start + 1
+    ids[PROMPT_OFFSET] = start
+    ids[PROMPT_OFFSET + 1: PROMPT_OFFSET + IMAGE_SPAN - 1] = start + 2  # <imgpad>
+    ids[PROMPT_OFFSET + IMAGE_SPAN - 1] = start + 1
     labels = ids.clone()
-    labels[0, : seq_len // 2] = IGNORE_INDEX
-    rgb = np.random.default_rng(seed).integers(0, 256, (IMAGE_WH[1], IMAGE_WH[0], 3), dtype=np.uint8)
-    pixels = preprocess(Image.fromarray(rgb), config.visual["image_size"])[None]
-    return {"input_ids": ids.to(device), "labels": labels.to(device),
-            "attention_mask": torch.ones_like(ids).to(device), "pixel_values": pixels.to(device)}
+    labels[: seq_len - supervised] = IGNORE_INDEX
+    return ids, labels
+
+
+def synthetic_batch(config: QWenConfig, seq_len: int, device: torch.device, seed: int = 0) -> dict:
+    """One sample of exactly `seq_len` tokens with one image span; the second half is supervised."""
+    ids, labels = sample_ids(config, seq_len, seq_len - seq_len // 2, seed)
+    pixels = preprocess(random_image(seed), config.visual["image_size"])[None]
+    return {"input_ids": ids[None].to(device), "labels": labels[None].to(device),
+            "attention_mask": torch.ones_like(ids)[None].to(device), "pixel_values": pixels.to(device)}

@@ -22,12 +22,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "present) and an official-lora adapter under DIR, and time merge and load_model "
                         "against copying and reading the same files")
     p.add_argument("--keep", action="store_true", help="with --merge-load: keep the merged folder")
+    p.add_argument("--gpu-suite", metavar="OUT", default=None,
+                   help="instead of one benchmark: every GPU check in one run of at most 8 minutes (training "
+                        "steps of three recipes against the original finetune.py, memory estimate, packing, "
+                        "ViT cache, merge, vLLM, Int4); writes OUT/gpu_suite.json and OUT/rows.md")
+    p.add_argument("--cpu-dry-run", action="store_true",
+                   help="with --gpu-suite: every section on the built-in tiny model on the CPU (the suite's test)")
+    p.add_argument("--original", metavar="DIR", default=None,
+                   help="with --gpu-suite: the original finetune.py's folder, made by "
+                        "`python -m workbench.bench.suite.prepare` (without it: 'original: not carried')")
+    p.add_argument("--wheels", metavar="DIR", default=None,
+                   help="with --gpu-suite: a folder of carried wheels (prepare.py's .wheels), installed into "
+                        "DIR/site for the sections")
+    p.add_argument("--only", default=None, help="with --gpu-suite: comma-separated section names")
+    p.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
+                   help="with --gpu-suite: another time budget for a section (repeatable)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.merge_load:
         return run_merge_load(args)
+    if args.gpu_suite:
+        return run_gpu_suite(args)
 
     import torch
 
@@ -65,4 +82,51 @@ def run_merge_load(args: argparse.Namespace) -> int:
     print(merge_load.format_results(results))
     write_text(args.out, merge_load.as_json(results))
     print(f"wrote {args.out}")
+    return 0
+
+
+def run_gpu_suite(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from workbench.bench.suite.plan import SECTION_NAMES, dry_run_plan, gpu_plan
+    from workbench.bench.suite.runner import install_wheels, run_suite
+    from workbench.errors import ConfigError
+
+    only = args.only.split(",") if args.only else None
+    unknown = sorted(set(only or []) - set(SECTION_NAMES))
+    if unknown:
+        raise ConfigError(f"--only: unknown section {unknown[0]!r}; sections: {', '.join(SECTION_NAMES)}")
+    budgets = {}
+    for spec in args.budget:
+        name, _, seconds = spec.partition("=")
+        try:
+            budgets[name] = float(seconds)
+        except ValueError:
+            raise ConfigError(f"--budget: expected SECTION=SECONDS, got {spec!r}") from None
+    setup = {"wheels": [], "site": None}
+    if args.wheels:
+        wheels = Path(args.wheels).resolve()
+        if not wheels.is_dir():
+            raise ConfigError(f"--wheels: {args.wheels} is not a folder")
+        setup = install_wheels(wheels, wheels / "site")
+    if not args.cpu_dry_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("--gpu-suite needs a CUDA GPU (torch sees none); --cpu-dry-run runs it on the CPU "
+                              "with the tiny model")
+    command = shlex.join(["workbench", "bench", "--gpu-suite", args.gpu_suite,
+                          *(["--cpu-dry-run"] if args.cpu_dry_run else []),
+                          *(["--original", args.original] if args.original else []),
+                          *(["--wheels", args.wheels] if args.wheels else []),
+                          *(["--only", args.only] if args.only else []),
+                          *[a for spec in args.budget for a in ("--budget", spec)]])
+    make = dry_run_plan if args.cpu_dry_run else gpu_plan
+    try:
+        plan = make(str(Path(args.gpu_suite).resolve()), command,
+                    str(Path(args.original).resolve()) if args.original else None, setup["site"], budgets)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    run_suite(plan, only, setup)
     return 0

@@ -1,7 +1,7 @@
 """`workbench serve` against vLLM (`--engine vllm`) on the same requests, side by side.
 
     python -m workbench.serve.engines_bench --model DIR [--image PNG] [--requests 64]
-        [--concurrency 1 8 32] [--max-tokens 32] [--dtype float32] [--vllm-arg=--enforce-eager ...]
+        [--concurrency 1 8 32] [--max-tokens 32] [--dtype float32] [--vllm-arg=--enforce-eager ...] [--json PATH]
 
 Starts each engine once through `workbench serve` on 127.0.0.1 (a free port), waits for /health,
 sends one warm-up request, then for each concurrency c sends the same `--requests` greedy chat
@@ -73,22 +73,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype")
     p.add_argument("--engines", nargs="+", default=["workbench", "vllm"], choices=["workbench", "vllm"])
     p.add_argument("--vllm-arg", action="append", default=[], metavar="ARG")
+    p.add_argument("--json", metavar="PATH", help="also write the rows (one dict per engine and concurrency) as JSON")
     args = p.parse_args(argv)
     print(f"model {Path(args.model).resolve().name}, {args.requests} requests, max_tokens {args.max_tokens}, "
           f"image {args.image or 'none'}, {os.cpu_count()} cores")
     print("| engine | clients | requests | seconds | completion tokens | tokens/s | requests/s | median latency s |")
     print("|---|---|---|---|---|---|---|---|")
+    rows = []
     for engine in args.engines:
         proc, url = _serve(engine, args)
         try:
             measure(url, argparse.Namespace(**{**vars(args), "requests": 1}), 1)  # warm-up
             for clients in args.concurrency:
                 r = measure(url, args, clients)
+                rows.append({"engine": engine, **r})
                 print(f"| {engine} | {clients} | {r['requests']} | {r['seconds']:.1f} | {r['tokens']} | "
                       f"{r['tokens_per_s']:.1f} | {r['requests_per_s']:.2f} | {r['p50_s']:.2f} |", flush=True)
         finally:
             os.killpg(proc.pid, signal.SIGINT)
             proc.wait(timeout=120)
+    if args.json:
+        from workbench.atomic import write_json
+
+        write_json(args.json, rows)
     return 0
 
 
