@@ -3,8 +3,9 @@
 `python -m workbench.bench.int4` (bench/int4.py) does the comparison: `workbench quantize` writes
 the Int4 export of a model (calibrated on a few samples), then both models are loaded on the GPU
 and score grounding queries, generate greedily (tokens/s) and report their peak memory. Here it
-runs on the merge section's full-size release (random weights: Acc@0.5 means nothing there, the
-speed and memory do), calibrated and queried on the demo's shapes (demo/synthetic.py).
+runs on `--wide`: random blocks of the 9.6B release's LLM width with the byte vocabulary and shapes
+data (Acc@0.5 means nothing there, the speed and memory per layer do). tests/gptq/gpu_int4.sh adds
+`workbench serve` and the demo's trained model.
 
 It needs gptqmodel, which the lent GPU machine lacks: its wheels and their needs (datasets,
 torchao, pyarrow, ...; torch >= 2.14.1 and transformers >= 5.20.2, newer than the machine's) do
@@ -22,7 +23,7 @@ from workbench.bench.suite.plan import Plan
 from workbench.bench.suite.recorder import Recorder
 
 CALIBRATION_SAMPLES = 8
-EVAL_IMAGES = 8
+WIDE_LAYERS = 4  # blocks of the release's LLM width (bench/int4.py --wide): its own tokenizer and shapes data
 ROW_FIELDS = ("generate_tokens_per_s", "peak_allocated_gib", "weights_gb", "acc@0.5")
 
 
@@ -49,23 +50,14 @@ def rows_of(result: dict) -> list[dict]:
 
 
 def run(plan: Plan, rec: Recorder) -> None:
-    from workbench.bench.suite.merge import release_dir
-    from workbench.demo.synthetic import make_shapes_dataset
-
-    base = release_dir(plan)
-    if not (base / ".complete").exists():
-        rec.skip("int4", "no bf16 release: the merge section did not write it")
-        return
-    data = plan.work / "int4-data"
-    calibration = make_shapes_dataset(data, CALIBRATION_SAMPLES, seed=0, name="train")
-    queries = make_shapes_dataset(data, EVAL_IMAGES, seed=1, name="eval")
     out = plan.work / "int4"
-    cmd = [sys.executable, "-m", "workbench.bench.int4", "--model", str(base), "--data", str(calibration),
-           "--eval", str(queries), "--out", str(out), "--samples", str(CALIBRATION_SAMPLES), "--device", "cuda"]
+    cmd = [sys.executable, "-m", "workbench.bench.int4", "--wide", str(WIDE_LAYERS), "--out", str(out),
+           "--samples", str(CALIBRATION_SAMPLES), "--device", "cuda"]
     try:
         subprocess.run(cmd, check=True, timeout=max(rec.seconds_left() - 5, 1))
     except subprocess.TimeoutExpired:
-        rec.skip("int4", "over the section's budget: bench/int4 (GPTQ of the 7.7B LLM, then both models) was stopped")
+        rec.skip("int4", f"over the section's budget: bench/int4 (GPTQ of {WIDE_LAYERS} release-width blocks, "
+                         "then both models) was stopped")
         return
     for row in rows_of(json.loads((out / "int4_bench.json").read_text())):
         rec.row(**row)
