@@ -261,13 +261,13 @@ def test_gpu_budgets_fit_eight_minutes_and_plans_round_trip(tmp_path):
     plan.save(tmp_path / "plan.json")
     assert Plan.load(tmp_path / "plan.json") == plan
     assert dry_run_plan(str(tmp_path), "cmd", None, None).device == "cpu"
-    # Without vLLM and the Int4 export (the lent machine today), their 40 s go to the others, pro rata,
+    # Without vLLM and the Int4 export (the lent machine today), their 70 s go to the others, pro rata,
     # except to a section whose budget was set by --budget.
     unavailable = {"serving": "no vLLM", "int4": "no export"}
     assert sum(share_spare(gpu_plan(str(tmp_path), "cmd", None, None), unavailable, {}).values()) == pytest.approx(480)
     shared = share_spare(plan, unavailable, {})
     assert shared["serving"] == shared["int4"] == 0
-    assert shared["merge"] == 60 and shared["training"] == pytest.approx(150 + 40 * 150 / (480 - 40 - 100))
+    assert shared["merge"] == 60 and shared["training"] == pytest.approx(140 + 70 * 140 / (480 - 70 - 90))
     assert share_spare(plan, unavailable, {"original": "--only"})["original"] == 0
 
 

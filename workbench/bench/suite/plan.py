@@ -26,14 +26,14 @@ class Section:
 
 SECTIONS = (
     Section("environment", 10, "card, driver, CUDA, Python and package versions"),
-    Section("training", 150, "workbench training steps: official-lora, qlora, all-components x 384/512/1024/2048 "
+    Section("training", 140, "workbench training steps: official-lora, qlora, all-components x 384/512/1024/2048 "
                              "tokens; s/it, tokens/s, MFU, peaks; `inspect --seq-len` estimate per row"),
     Section("original", 110, "the original finetune.py (official LoRA) at the same lengths, same card, same run"),
-    Section("packing", 35, "packed vs padded batches of grounding-length samples (tokens/s)"),
-    Section("vit_cache", 35, "second-epoch step with the ViT cache vs without"),
-    Section("merge", 100, "the full-size official-lora adapter merged on the GPU machine vs copying the files"),
+    Section("packing", 30, "packed vs padded batches of grounding-length samples (tokens/s)"),
+    Section("vit_cache", 30, "second-epoch step with the ViT cache vs without"),
+    Section("merge", 90, "the full-size official-lora adapter merged on the GPU machine vs copying the files"),
     Section("serving", 30, "vLLM plugin on CUDA: greedy equality (tp 1, 2), 1/8/32 clients vs workbench serve"),
-    Section("int4", 10, "Int4 export loaded with CUDA kernels: tokens/s and memory vs bf16"),
+    Section("int4", 40, "Int4 export loaded with CUDA kernels: tokens/s and memory vs bf16"),
 )
 SECTION_NAMES = tuple(s.name for s in SECTIONS)
 
