@@ -28,6 +28,7 @@ printed at the end, and an error says so when they do not fit.
 from __future__ import annotations
 
 import argparse
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -84,6 +85,16 @@ def workbench_wheels(folder: Path) -> None:
         slim_wheel(wheel, BNB_KEEP)
 
 
+def check_network(hosts: tuple[str, ...]) -> None:
+    """Fail within seconds, saying which host, where there is no network (pip and the hub retry for minutes)."""
+    for host in hosts:
+        try:
+            socket.create_connection((host, 443), timeout=5).close()
+        except OSError as err:
+            raise SystemExit(f"error: {host} is unreachable ({err.strerror or err}); run prepare where there "
+                             "is network, then carry the folders it writes") from None
+
+
 def original_folder(folder: Path, revision: str) -> None:
     from huggingface_hub import hf_hub_download
 
@@ -119,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--revision", default="master", help="QwenLM/Qwen-VL's branch or commit for finetune.py")
     p.add_argument("--skip", choices=["wheels", "original"], action="append", default=[])
     args = p.parse_args(argv)
+    check_network(("pypi.org",) + (() if "original" in args.skip else ("raw.githubusercontent.com", "huggingface.co")))
     if "wheels" not in args.skip:
         workbench_wheels(args.wheels)
     if "original" not in args.skip:
