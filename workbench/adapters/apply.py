@@ -128,3 +128,18 @@ def save_adapter(model: PeftModel, out_dir: str | Path, state_dict: dict | None 
         save_file(tensors, path, metadata={"format": "pt"})
     for file in Path(out_dir).glob("adapter_model.*"):
         follow_umask(file)
+    _check_not_empty(Path(out_dir) / WEIGHTS_FILE)
+
+
+def _check_not_empty(path: Path) -> None:
+    """A written adapter always holds tensors (every recipe trains some). An empty one means the
+    state dict handed to the save lacked the adapter's names: seen under FSDP when a library's lazy
+    import failed and was swallowed (httpx missing). Stop there rather than ship an empty adapter."""
+    from safetensors import safe_open
+
+    if not path.is_file():  # a rank that does not write
+        return
+    with safe_open(path, framework="pt") as f:
+        if not list(f.keys()):
+            raise RuntimeError(f"{path}: the adapter was saved without any tensor; the state dict given to the save "
+                               "did not hold the adapter's weights")

@@ -68,6 +68,10 @@ class WorkbenchTrainer(Trainer):
         # save_adapter writes them into the same adapter file, for checkpoints and the final save.
         from workbench.adapters.apply import save_adapter
 
+        if not self.args.should_save:
+            # Under FSDP every rank gets here, the others with an empty gathered state dict: their
+            # write raced rank 0's and could leave an empty adapter behind.
+            return
         output_dir = output_dir or self.args.output_dir
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         # Under FSDP / DeepSpeed the Trainer passes the gathered full `state_dict`: use it.
