@@ -9,6 +9,8 @@ it); on CUDA, whichever kernel GPTQModel picks for the device (Marlin, ExLlama, 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -16,6 +18,7 @@ from workbench.gptq import quiet_library
 from workbench.gptq.layout import GPTQSpec, quantized_linears
 
 
+@functools.lru_cache
 def kernel_class(spec: GPTQSpec, device: torch.device | str, dtype: torch.dtype | None = None) -> type[nn.Module]:
     """GPTQModel's quantised linear for this spec on `device`: its torch kernel on the CPU, else the
     library's choice among its kernels that also train (LoRA needs the input's gradient) for the

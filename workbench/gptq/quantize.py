@@ -235,9 +235,11 @@ def pack(linear: nn.Linear, scale: torch.Tensor, zero: torch.Tensor, g_idx: torc
 
     from workbench.gptq.modules import kernel_class, new_linear
 
-    cpu = nn.Linear(linear.in_features, linear.out_features, bias=True, dtype=torch.float32)
-    cpu.weight.data = linear.weight.data.float().cpu()
-    cpu.bias.data = linear.bias.data.float().cpu() if linear.bias is not None else torch.zeros(linear.out_features)
+    # The packer reads weight and bias of an nn.Linear: a meta one given the CPU tensors (no random init).
+    cpu = nn.Linear(linear.in_features, linear.out_features, bias=True, device="meta")
+    cpu.weight = nn.Parameter(linear.weight.data.float().cpu(), requires_grad=False)
+    bias = linear.bias.data.float().cpu() if linear.bias is not None else torch.zeros(linear.out_features)
+    cpu.bias = nn.Parameter(bias, requires_grad=False)
     module = new_linear(kernel_class(spec, "cpu"), spec, linear.in_features, linear.out_features)
     hf_pack_layer(module, cpu, scale.cpu(), zero.cpu(), g_idx.cpu(), checkpoint_format="gptq")
     # The packer leaves the true zero points (GPTQModel's v2); the release's files hold zero - 1 (v1).
