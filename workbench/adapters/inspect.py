@@ -81,9 +81,9 @@ def inspect_recipe(model_dir: str | Path, recipe: Recipe, dtype: str = "bfloat16
     q = recipe.quantization or Quantization()
     quantized = quantize_names(dict(model.named_modules()), q)
     # The GPTQ column: the model's own spec when it is an Int4 checkpoint, else the release's.
-    gptq = GPTQSpec.from_config(model.config) or GPTQSpec()
+    own = GPTQSpec.from_config(model.config)
+    is_gptq, gptq = own is not None, own or GPTQSpec()
     exports = {"16bit": sum(p.numel() * 2 for p in model.state_dict().values()), "int4": _int4_bytes(model, gptq)}
-    is_gptq = GPTQSpec.from_config(model.config) is not None
     with torch.device("meta"):
         peft_model = apply_recipe(model, dataclasses.replace(recipe, quantization=None))
 
