@@ -58,7 +58,7 @@ def test_merge_does_not_import_train():
 
 def test_model_holds_no_demo_or_conversion_code():
     names = {p.stem for p in (PACKAGE / "model").glob("*.py")}
-    assert names == {"__init__", "auto", "config", "tokenizer", "checkpoint", "shard_writer", "image_processing",
+    assert names == {"__init__", "auto", "config", "tokenizer", "checkpoint", "digests", "shard_writer", "image_processing",
                      "vision", "resampler", "qwen", "modeling"}
     for path in (PACKAGE / "model").glob("*.py"):
         assert not any(m.startswith(("workbench.demo", "workbench.convert", "open_clip")) for m in _imports(path))

@@ -123,10 +123,10 @@ def test_verify_catches_a_wrong_merge(adapters, tiny_base, tmp_path, monkeypatch
 
 def _record_opens(monkeypatch) -> list[str]:
     """Every read of a base weight file by the merge: hashing it and loading it."""
-    from workbench.model import checkpoint
+    from workbench.model import digests
 
     opened: list[str] = []
-    real_sha, real_load = checkpoint.sha256_file, checkpoint.load_weight_file
+    real_sha, real_load = digests.sha256_file, merge_mod.checkpoint.load_weight_file
 
     def sha(path):
         opened.append(f"hash {path.name}")
@@ -136,7 +136,7 @@ def _record_opens(monkeypatch) -> list[str]:
         opened.append(f"load {path.name}")
         return real_load(path, mmap=mmap)
 
-    monkeypatch.setattr(checkpoint, "sha256_file", sha)
+    monkeypatch.setattr(digests, "sha256_file", sha)
     monkeypatch.setattr(merge_mod.checkpoint, "load_weight_file", load)
     return opened
 
@@ -160,3 +160,37 @@ def test_each_base_file_is_hashed_and_loaded_once(adapters, tiny_base, tmp_path,
     # (the weight map and the specs read only the safetensors header: no tensor bytes).
     assert sorted(opened) == sorted(["hash config.json", *(f"hash {w}" for w in weights),
                                      *(f"load {w}" for w in weights)])
+
+
+@pytest.fixture
+def remembering(tmp_path, monkeypatch):
+    """Digests remembered for every file (digests.py), in a private cache."""
+    from workbench.model import digests
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(digests, "REMEMBERED_FROM", 1)
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+
+
+def test_a_remembered_base_digest_is_read_ahead_not_hashed(adapters, tiny_base, tmp_path, monkeypatch, remembering):
+    adapter = adapters("llm")
+    first = merge_adapter(tiny_base, adapter, tmp_path / "first")  # hashes and remembers the base
+    opened = _record_opens(monkeypatch)
+    again = merge_adapter(tiny_base, adapter, tmp_path / "again")
+    weights = list(again["base_fingerprint"]["weights"])
+    assert again["base_fingerprint"] == first["base_fingerprint"]
+    assert again["base_fingerprint_check"] == "match"
+    assert sorted(opened) == sorted(["hash config.json", *(f"load {w}" for w in weights)])
+
+
+def test_a_remembered_digest_of_another_base_still_fails_the_check(adapters, other_base, tmp_path, monkeypatch,
+                                                                     remembering):
+    from workbench.model.checkpoint import fingerprint
+
+    adapter = adapters("llm")
+    fingerprint(other_base)  # remembered, as after training on it
+    opened = _record_opens(monkeypatch)
+    with pytest.raises(CheckpointError, match="different base"):
+        merge_adapter(other_base, adapter, tmp_path / "out")
+    assert opened == ["hash config.json"]  # the weights' digest came from memory, and did not match
+    assert not (tmp_path / "out").exists()

@@ -41,7 +41,7 @@ class DataConfig:
     num_workers: int = option(2, ge=0)
     # Frozen-ViT cache (data/vit_cache.py): the visual module's output per distinct image, computed
     # once before training and read instead of pixels. Only for recipes that train neither the ViT
-    # nor the resampler. None: ~/.cache/workbench/vit.
+    # nor the resampler. None: ~/.cache/workbench/vit ($XDG_CACHE_HOME/workbench/vit).
     vit_cache: bool = False
     vit_cache_dir: str | None = None
     # None resolves by label_mode: True for `assistant` (typed <|im_start|> etc. stay plain text, as

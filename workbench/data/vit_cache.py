@@ -27,14 +27,14 @@ from torch import nn
 from workbench.atomic import atomic_path, follow_umask
 from workbench.errors import DataError
 from workbench.model.image_processing import load_image, preprocess
+from workbench.user_cache import user_cache
 
-DEFAULT_DIR = "~/.cache/workbench/vit"
 FORMAT = "1"  # bumped when what a file holds changes
 BATCH = 8  # images per ViT forward in the pre-pass
 
 
 def cache_root(vit_cache_dir: str | None) -> Path:
-    return Path(vit_cache_dir or DEFAULT_DIR).expanduser()
+    return Path(vit_cache_dir).expanduser() if vit_cache_dir else user_cache("vit")
 
 
 def visual_fingerprint(visual: nn.Module, image_size: int, precision: str) -> str:

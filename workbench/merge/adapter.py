@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peft.utils.other import get_pattern_key
 
 from workbench.errors import CheckpointError
 from workbench.model.checkpoint import check_finite, load_weight_file
@@ -141,10 +140,15 @@ def _add_module(adapter: Adapter, module: str, parts: dict[str, torch.Tensor], b
 
 
 def _scaling(config: dict, pattern_name: str) -> tuple[int, float, float]:
-    # PEFT resolves per-module r and alpha with get_pattern_key on the module's name; use it verbatim.
+    # PEFT resolves per-module r and alpha with get_pattern_key on the module's name; use it verbatim
+    # (imported only for an adapter with patterns: importing PEFT takes seconds, a plain merge needs none of it).
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-    rank = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), pattern_name), config["r"]))
-    alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), pattern_name), config["lora_alpha"]))
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    if rank_pattern or alpha_pattern:
+        from peft.utils.other import get_pattern_key
+
+        rank = int(rank_pattern.get(get_pattern_key(rank_pattern.keys(), pattern_name), rank))
+        alpha = float(alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), pattern_name), alpha))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return rank, alpha, scale
 

@@ -35,7 +35,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from peft.tuners.lora.model import LoraModel
 
 from workbench.errors import CheckpointError, WorkbenchError, nearest
 from workbench.merge.adapter import Adapter, LoraDelta
@@ -233,6 +232,9 @@ def _combine_module(method: str, parts: list[tuple[str, float, LoraDelta]], comb
     layer = _Layer(parts)
     if method == "cat":
         return _cat(layer, names, weights)
+    # imported here: importing PEFT takes seconds, and a plain merge needs none of it
+    from peft.tuners.lora.model import LoraModel
+
     if method.endswith("svd"):
         A, B = LoraModel._svd_generalized_task_arithmetic_weighted_adapter(
             None, method, names, weights, new_rank, layer, None, None, combine.density,

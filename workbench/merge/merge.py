@@ -30,7 +30,7 @@ from workbench.merge.adapter import Adapter, LoraDelta, read_adapter
 from workbench.merge.combine import Combine, combine_adapters, model_key_order
 from workbench.merge.export import write_adapter_files, write_combined_adapter
 from workbench.merge.report import BaseCheck, build_report, write_report
-from workbench.model import checkpoint
+from workbench.model import checkpoint, digests
 from workbench.model.config import load_config
 from workbench.model.shard_writer import ShardWriter
 
@@ -96,7 +96,7 @@ def merge_adapters(base: str | Path, adapters: Sequence[str | Path], out: str | 
     lora = sources[0] if combine is None else combine_adapters(
         sources, combine, model_key_order(base_dir), force=force, device=device)
     base_check = BaseCheck(sources, base_dir, force)
-    base_fingerprint = {"config_sha256": checkpoint.sha256_file(base_dir / "config.json"), "weights": {}}
+    base_fingerprint = {"config_sha256": digests.sha256_file(base_dir / "config.json"), "weights": {}}
     base_check.config(base_fingerprint["config_sha256"])  # a wrong base fails here, before any weight is read
 
     remove_stale_temp_folders(out)
@@ -151,7 +151,8 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     """Merge every base tensor into `out_dir`; returns {key: what was done} for the touched keys.
 
     One pass over the base: while file i is merged, a thread hashes file i+1 (sha256 releases the
-    GIL), which also pulls it into the page cache, so the merge reads it from memory. Base files
+    GIL), which also pulls it into the page cache, so the merge reads it from memory; a file whose
+    digest is remembered (digests.py: hashed before, unchanged since) is only read ahead. Base files
     are mapped, not read (`mmap=True`); the writer streams each tensor to its shard as it comes, so
     the process holds the mapped input file and the tensor being merged, nothing more.
     """
@@ -167,12 +168,12 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     # One thread hashes (and so reads ahead), one writes: the merge maths of tensor k+1 runs while
     # tensor k goes to disk, and at most one merged tensor waits for the disk.
     with ThreadPoolExecutor(max_workers=1) as hasher, ThreadPoolExecutor(max_workers=1) as io, bar:
-        pending, writing = hasher.submit(checkpoint.sha256_file, files[0][0]), None
+        pending, writing = hasher.submit(digest_ahead, files[0][0]), None
         for i, ((path, keys), name) in enumerate(zip(files, names, strict=True)):
             digests[name] = pending.result()
             base_check.weight(name, digests[name])
             if i + 1 < len(files):
-                pending = hasher.submit(checkpoint.sha256_file, files[i + 1][0])
+                pending = hasher.submit(digest_ahead, files[i + 1][0])
             shard = checkpoint.load_weight_file(path, mmap=True)
             for key in keys:
                 # pop: hold no reference of our own, so each mapped input tensor goes once written
@@ -193,6 +194,20 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     if missing:  # weight_map and the shards disagree: the base folder is inconsistent
         raise CheckpointError(f"{base_dir}: keys {sorted(missing)} are in the index but in no shard")
     return done
+
+
+def digest_ahead(path: Path) -> str:
+    """The file's sha256, with the file on its way into the page cache: hashing reads it; a
+    remembered digest asks the kernel to read it ahead (WILLNEED), which costs this process no CPU."""
+    remembered = digests.remembered_sha256(path)
+    if remembered is None:
+        return digests.weight_sha256(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+        os.close(fd)
+    return remembered
 
 
 def _to_device(lora: Adapter, device: str | torch.device) -> Adapter:

@@ -9,7 +9,6 @@ exists twice in memory.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -30,6 +29,7 @@ from workbench.atomic import write_json
 from workbench.dtypes import TORCH_DTYPES
 from workbench.errors import CheckpointError, first_line
 from workbench.model.config import QWenConfig, load_config, precision_dtype
+from workbench.model.digests import sha256_file, weight_sha256
 from workbench.model.shard_writer import (
     BIN_INDEX,
     BIN_SINGLE,
@@ -406,20 +406,12 @@ def save_model(model_or_state_dict, out_dir: str | os.PathLike, max_shard_size: 
     return index
 
 
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fingerprint(model_dir: str | os.PathLike) -> dict:
-    """sha256 of config.json and of every weight file (recomputed on every call, never cached)."""
+    """sha256 of config.json and of every weight file (weight files' digests remembered while unchanged:
+    digests.py)."""
     model_dir = resolve_model_dir(model_dir)
     files = sorted(set(weight_map(model_dir).values()))
-    weights = {str(p.relative_to(model_dir)): sha256_file(p)
+    weights = {str(p.relative_to(model_dir)): weight_sha256(p)
                for p in tqdm(files, desc="hashing weights", unit="file", disable=len(files) < 2)}
     return {"config_sha256": sha256_file(model_dir / "config.json"), "weights": weights}
 

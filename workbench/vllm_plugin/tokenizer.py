@@ -28,9 +28,9 @@ from workbench.model.tokenizer import (
     load_tiktoken_bpe,
 )
 from workbench.prompt.template import ChatTemplate, load_template
+from workbench.user_cache import user_cache
 
 KEPT_IN_TEXT = IMAGE_ST[:6]  # ref/box/quad open and close: part of the answer, never skipped
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "workbench" / "vllm-serving"
 
 
 def export_tokenizer(model_dir: str | Path, out_dir: str | Path) -> Path:
@@ -88,7 +88,7 @@ def serving_folder(model_dir: str | Path) -> Path:
     vocab, generation = model_dir / "qwen.tiktoken", model_dir / "generation_config.json"
     config = json.loads(generation.read_text()) if generation.is_file() else {}
     digest = hashlib.sha256(vocab.read_bytes() + json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
-    out = CACHE / digest
+    out = user_cache("vllm-serving", digest)
     if not (out / "generation_config.json").is_file():  # written last
         export_tokenizer(model_dir, out)
         n = len(load_tiktoken_bpe(vocab))
