@@ -189,3 +189,30 @@ def test_check_finite(tensor, finite):
     else:
         with pytest.raises(CheckpointError, match="f: tensor w holds NaN or inf"):
             check_finite({"w": tensor}, "f")
+
+
+@pytest.mark.parametrize("sendfile_works", [True, False])
+def test_read_through_reads_every_byte_once(tmp_path, monkeypatch, sendfile_works):
+    from workbench.model.checkpoint import read_through
+
+    path = tmp_path / "w.bin"
+    path.write_bytes(os.urandom(3 * (1 << 20) + 123))
+    read, real_sendfile, real_readv = [], os.sendfile, os.readv
+
+    def sendfile(out, fd, offset, count):
+        if not sendfile_works:
+            raise OSError(22, "Invalid argument")
+        sent = real_sendfile(out, fd, offset, count)
+        read.append(sent)
+        return sent
+
+    def readv(fd, buffers):
+        n = real_readv(fd, buffers)
+        read.append(n)
+        return n
+
+    monkeypatch.setattr(os, "sendfile", sendfile)
+    monkeypatch.setattr(os, "readv", readv)
+    read_through(path)
+    assert sum(read) == path.stat().st_size
+    read_through(tmp_path / "missing.bin")  # left for the loader to report

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from workbench.model.checkpoint import BIN_INDEX, RELEASES_DIR, read_through, shard_files
+from workbench.model.checkpoint import BIN_INDEX, RELEASES_DIR, shard_files
 
 RELEASE = RELEASES_DIR / "Qwen--Qwen-VL-Chat"
 LORA_TARGETS = ["c_attn", "attn.c_proj", "w1", "w2"]
@@ -119,25 +120,33 @@ def timed_copy(src: Path, dst: Path) -> float:
 
 
 def timed_read(folder: Path) -> float:
-    """Seconds to read the weight files once, cold."""
+    """Seconds to read the weight files once, cold, with read() into a 16 MiB buffer (as cat does)."""
     files = weight_files(folder)
     evict(files)
+    buf = bytearray(1 << 24)
     start = time.perf_counter()
     for path in files:
-        read_through(path)
+        with path.open("rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
     return time.perf_counter() - start
 
 
 def timed_child(code: str, evict_paths: list[Path], source: Path | None = None,
-                cpu: dict | None = None) -> tuple[float, float]:
+                cpu: dict | None = None, digest_cache: Path | None = None) -> tuple[float, float]:
     """(seconds, peak RSS in bytes) of `python -c code`, from a cold cache, synced at the end;
     with `source`, the workbench imported from that source tree (an earlier version). `cpu`
     receives the child's CPU seconds (user + system, all threads): on shared cores the work done
-    compares better than the wall time, which depends on what else runs."""
+    compares better than the wall time, which depends on what else runs. `digest_cache` is the
+    child's XDG_CACHE_HOME: where it finds (and leaves) remembered weight digests."""
     evict(evict_paths)
-    env = {**os.environ, "PYTHONPATH": str(source)} if source is not None else None
+    # -P: `python -c` would put the working folder first on sys.path, and from a checkout that is
+    # this workbench, whatever PYTHONPATH names; the child imports exactly the tree it is given.
+    env = {**os.environ, "PYTHONPATH": str(source or Path(__file__).resolve().parents[2])}
+    if digest_cache is not None:
+        env["XDG_CACHE_HOME"] = str(digest_cache)
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    proc = subprocess.Popen([sys.executable, "-P", "-c", code], env=env)
     _, status, usage = os.wait4(proc.pid, 0)
     os.sync()
     seconds = time.perf_counter() - start
@@ -183,11 +192,16 @@ LOAD_CODE = ("import time; from workbench import load_model; t = time.perf_count
 IMPORT_CODE = "import workbench, workbench.merge, torch"
 
 
-def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None) -> dict:
+def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None, rounds: int = 1) -> dict:
     """Write (or reuse) the random release and adapter under `folder`, time everything, return a dict.
 
-    With `before` (a source tree of an earlier workbench, e.g. `git archive` of main), its merge is
-    timed too, right after the copy and before the current merge, and checked by hand the same way.
+    Each round copies the files, then merges: with `before` (a source tree of an earlier workbench,
+    e.g. `git archive` of main) that tree's merge first; then the current merge on a base it has
+    never hashed (an empty digest cache: it hashes every file while merging); then the current merge
+    again with the digests the first left behind, as a merge after `workbench train` finds them
+    (digests.py: the base is only read). Every merge is checked by hand. The machine's state moves
+    the times by tens of percent from one round to the next, so ratios are taken within a round
+    and summarised by their median over the rounds. Read and load are timed once, after the rounds.
     """
     base = write_release(folder / "base")
     adapter = write_adapter(folder / "adapter")
@@ -195,63 +209,70 @@ def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None)
     weight_bytes = sum(p.stat().st_size for p in base_files)
     largest = max(p.stat().st_size for p in base_files)
     results: dict = {"weight_bytes": weight_bytes, "largest_shard_bytes": largest, "files": len(base_files)}
-
-    results["load_average"] = {"start": os.getloadavg()}
     results["import_s"], results["import_rss"] = timed_child(IMPORT_CODE, [])
-    results["copy_s"] = timed_copy(base, folder / "copy")
-    shutil.rmtree(folder / "copy")  # disk: the release fits three times on a 73 GB disk, not four
-    results["load_average"]["after_copy"] = os.getloadavg()
-    merged = folder / "merged"
-    code = MERGE_CODE.format(base=str(base), adapter=str(adapter), out=str(merged), options="")
-    if before is not None:
-        results["before_merge_cpu"] = {}
-        results["before_merge_s"], results["before_merge_rss"] = timed_child(code, base_files, before,
-                                                                             results["before_merge_cpu"])
-        results.update({f"before_{k}": v for k, v in check_merge(base, adapter, merged).items()})
-        results["before_merge_over_copy"] = results["before_merge_s"] / results["copy_s"]
-        shutil.rmtree(merged)
-        results["load_average"]["after_before_merge"] = os.getloadavg()
-    results["merge_cpu"] = {}
-    results["merge_s"], results["merge_rss"] = timed_child(code, base_files, cpu=results["merge_cpu"])
-    results.update(check_merge(base, adapter, merged))
-    results["load_average"]["after_merge"] = os.getloadavg()
-    if not keep:
-        shutil.rmtree(merged)
+    results["rounds"] = [merge_round(folder, base, adapter, before, keep and i == rounds - 1)
+                         for i in tqdm(range(rounds), desc="merge rounds", unit="round", disable=rounds < 2)]
+    results["medians"] = {f"{phase}_over_copy": statistics.median(r[phase]["over_copy"] for r in results["rounds"])
+                          for phase in results["rounds"][0] if phase in MERGES}
     results["read_s"] = timed_read(base)
     results["load_s"], results["load_rss"] = timed_child(LOAD_CODE.format(base=str(base)), base_files)
-    results["load_average"]["end"] = os.getloadavg()
-    results["merge_over_copy"] = results["merge_s"] / results["copy_s"]
     results["load_over_read"] = results["load_s"] / results["read_s"]
-    results["merge_rss_over_bound"] = results["merge_rss"] / (largest + 2e9)
     results["load_rss_over_weights"] = results["load_rss"] / weight_bytes
     return results
 
 
+MERGES = ("before", "merge", "remembered_merge")  # in the order a round runs them
+
+
+def merge_round(folder: Path, base: Path, adapter: Path, before: Path | None, keep: bool) -> dict:
+    """One copy and the merges after it, each from a cold page cache: {phase: its numbers}."""
+    base_files = weight_files(base)
+    largest = max(p.stat().st_size for p in base_files)
+    result: dict = {"load_average": {"start": os.getloadavg()[0]}}
+    result["copy_s"] = timed_copy(base, folder / "copy")
+    shutil.rmtree(folder / "copy")  # disk: the release fits three times on a 73 GB disk, not four
+    merged, digest_cache = folder / "merged", folder / "digest-cache"
+    shutil.rmtree(digest_cache, ignore_errors=True)  # "merge" meets the base for the first time
+    code = MERGE_CODE.format(base=str(base), adapter=str(adapter), out=str(merged), options="")
+    for phase in MERGES if before is not None else MERGES[1:]:
+        cpu: dict = {}
+        seconds, rss = timed_child(code, base_files, before if phase == "before" else None, cpu,
+                                   digest_cache=digest_cache)
+        result[phase] = {"s": seconds, "over_copy": seconds / result["copy_s"], "rss": rss,
+                         "rss_over_bound": rss / (largest + 2e9), "cpu": cpu, **check_merge(base, adapter, merged)}
+        result["load_average"][phase] = os.getloadavg()[0]
+        if not (keep and phase == MERGES[-1]):
+            shutil.rmtree(merged)
+    return result
+
+
 def format_results(r: dict) -> str:
     gb = 1e9
-    def cpu(c: dict) -> str:
-        return f"CPU {c['user_s'] + c['system_s']:.1f} s (user {c['user_s']:.1f}, system {c['system_s']:.1f})"
+    names = {"before": "merge before", "merge": "merge, base never hashed",
+             "remembered_merge": "merge, digests remembered"}
 
-    before = [f"merge before {r['before_merge_s']:7.1f} s  = {r['before_merge_over_copy']:.2f}x copy   peak RSS "
-              f"{r['before_merge_rss'] / gb:.2f} GB; {cpu(r['before_merge_cpu'])}; by hand: {r['before_probe_equal']}, "
-              f"untouched bit-equal: {r['before_untouched_bit_equal']}"] if "before_merge_s" in r else []
-    loads = "; ".join(f"{k} {' '.join(f'{x:.2f}' for x in v)}" for k, v in r.get("load_average", {}).items())
-    return "\n".join([
-        f"release: {r['files']} files, {r['weight_bytes'] / gb:.2f} GB (largest {r['largest_shard_bytes'] / gb:.2f} GB)",
-        f"load averages (1, 5, 15 min): {loads}",
-        f"copy   {r['copy_s']:7.1f} s",
-        *before,
-        f"merge  {r['merge_s']:7.1f} s  = {r['merge_over_copy']:.2f}x copy   {cpu(r['merge_cpu'])}; "
-        f"peak RSS {r['merge_rss'] / gb:.2f} GB "
-        f"(largest shard + 2 GB = {(r['largest_shard_bytes'] + 2e9) / gb:.2f} GB); "
-        f"merged LoRA tensor equal to W + scale BA by hand: {r['probe_equal']}, "
-        f"untouched tensor bit-equal: {r['untouched_bit_equal']}",
+    def merge_line(phase: str, m: dict) -> str:
+        cpu = m["cpu"]
+        return (f"  {names[phase]:26s} {m['s']:6.1f} s = {m['over_copy']:.2f}x copy; CPU {cpu['user_s'] + cpu['system_s']:.1f} s "
+                f"(user {cpu['user_s']:.1f}, system {cpu['system_s']:.1f}); peak RSS {m['rss'] / gb:.2f} GB; "
+                f"W + scale BA by hand: {m['probe_equal']}, untouched bit-equal: {m['untouched_bit_equal']}")
+
+    lines = [f"release: {r['files']} files, {r['weight_bytes'] / gb:.2f} GB (largest {r['largest_shard_bytes'] / gb:.2f} GB; "
+             f"peak RSS bound: largest + 2 GB = {(r['largest_shard_bytes'] + 2e9) / gb:.2f} GB)"]
+    for i, rnd in enumerate(r["rounds"], start=1):
+        loads = " ".join(f"{v:.1f}" for v in rnd["load_average"].values())
+        lines.append(f"round {i}: copy {rnd['copy_s']:.1f} s (load average at each phase's start/end: {loads})")
+        lines += [merge_line(phase, rnd[phase]) for phase in MERGES if phase in rnd]
+    lines.append("median over rounds: " + ", ".join(f"{names[k.removesuffix('_over_copy')]} {v:.2f}x copy"
+                                                     for k, v in r["medians"].items()))
+    lines += [
         f"read   {r['read_s']:7.1f} s",
         f"load   {r['load_s']:7.1f} s  = {r['load_over_read']:.2f}x read   peak RSS {r['load_rss'] / gb:.2f} GB "
         f"= {r['load_rss_over_weights']:.3f}x the weight bytes",
-        f"(both include starting Python: a child that only imports the workbench takes {r['import_s']:.1f} s "
+        f"(merge and load include starting Python: a child that only imports the workbench takes {r['import_s']:.1f} s "
         f"and peaks at {r['import_rss'] / gb:.2f} GB RSS)",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def environment() -> dict:
@@ -277,8 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--before", type=Path, default=None, help="source tree whose merge is timed as 'before'")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the merged folder")
+    p.add_argument("--rounds", type=int, default=3, help="copy-and-merges rounds (medians are reported)")
     args = p.parse_args(argv)
-    results = run_merge_load(args.folder, keep=args.keep, before=args.before)
+    results = run_merge_load(args.folder, keep=args.keep, before=args.before, rounds=args.rounds)
     print(format_results(results))
     if args.out is not None:
         write_text(args.out, as_json(results))

@@ -22,6 +22,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "present) and an official-lora adapter under DIR, and time merge and load_model "
                         "against copying and reading the same files")
     p.add_argument("--keep", action="store_true", help="with --merge-load: keep the merged folder")
+    p.add_argument("--rounds", type=whole(1), default=3,
+                   help="with --merge-load: rounds of copy and merges (ratios within a round, medians reported)")
     p.add_argument("--gpu-suite", metavar="OUT", default=None,
                    help="instead of one benchmark: every GPU check in one run of at most 8 minutes (training "
                         "steps of three recipes against the original finetune.py, memory estimate, packing, "
@@ -78,7 +80,7 @@ def run_merge_load(args: argparse.Namespace) -> int:
     from workbench.atomic import write_text
     from workbench.bench import merge_load
 
-    results = merge_load.run_merge_load(Path(args.merge_load), keep=args.keep)
+    results = merge_load.run_merge_load(Path(args.merge_load), keep=args.keep, rounds=args.rounds)
     print(merge_load.format_results(results))
     write_text(args.out, merge_load.as_json(results))
     print(f"wrote {args.out}")

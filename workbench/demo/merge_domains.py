@@ -1,7 +1,7 @@
 """Two domains, one adapter each, and the adapters combined by `workbench merge` (issue 33).
 
     python -m workbench.demo.merge_domains R [--steps 1000] [--seed 0] [--methods cat linear ties dare_ties]
-                                             [--weights 1 1]
+                                             [--weights 1 1] [--start-steps 0]
 
 The demo's shapes (workbench.demo.synthetic) split by colour into two domains: "warm" phrases
 name red or yellow shapes, "cool" ones green or blue shapes. R gets the demo's base model
@@ -12,6 +12,12 @@ steps (adapter-warm/, adapter-cool/), each combination merged into full weights 
 base, of each adapter and of each combination on both domains' held-out queries. A second call on
 the same R reuses the base, data, adapters and their scores (the adapters are kept as trained)
 and adds the combinations with other `--weights` to the same JSON and plot.
+
+With `--start-steps N`, both adapters start from a model that already grounds, as Qwen-VL-Chat
+does: the demo recipe (embedding, output layer and resampler trained whole, as `make demo`) trains
+N steps on both domains together, is merged into the base (start/), and the domain adapters and
+their combinations are trained and merged on that start. Without it, each adapter has to teach
+the random base the box syntax itself.
 
 The demo recipe trains the embedding, the output layer and the resampler's queries and norms
 whole; two adapters that both train a tensor whole cannot be combined, so here both adapters
@@ -53,14 +59,15 @@ def split_by_domain(jsonl: Path) -> dict[str, Path]:
     return files
 
 
-def train_adapter(base: Path, train_file: Path, out: Path, steps: int, seed: int) -> Path:
+def train_adapter(base: Path, train_file: Path, out: Path, steps: int, seed: int, lora_only: bool = True) -> Path:
     from workbench.demo.runner import DEMO_CONFIG
     from workbench.errors import WorkbenchError
     from workbench.train.config import load_run_config
     from workbench.train.trainer import train
 
     overrides = [f"model={base}", f"data.train={train_file}", f"train.output_dir={out}", f"train.seed={seed}",
-                 f"train.max_steps={steps}", f"train.logging_steps={max(1, steps // 50)}", LORA_ONLY]
+                 f"train.max_steps={steps}", f"train.logging_steps={max(1, steps // 50)}",
+                 *([LORA_ONLY] if lora_only else [])]
     result = train(load_run_config(DEMO_CONFIG, overrides))
     if result.status != "completed":
         raise WorkbenchError(f"{out}: training stopped ({result.status}); see its workbench_run.json")
@@ -76,7 +83,8 @@ def accuracy(model, tokenizer, queries: dict[str, list], out: Path) -> dict[str,
             ["metrics"]["acc@0.5"] for name, qs in queries.items()}
 
 
-def run(folder: Path, steps: int, seed: int, methods: list[str], weights: tuple[float, float] = (1.0, 1.0)) -> dict:
+def run(folder: Path, steps: int, seed: int, methods: list[str], weights: tuple[float, float] = (1.0, 1.0),
+        start_steps: int = 0) -> dict:
     from peft import PeftModel
 
     from workbench.api import load_model, load_tokenizer
@@ -90,20 +98,30 @@ def run(folder: Path, steps: int, seed: int, methods: list[str], weights: tuple[
     base = folder / "base"
     if not (base / "config.json").exists():
         make_demo_base_model(base, seed)
-    train = split_by_domain(make_shapes_dataset(folder / "data", N_TRAIN, shapes_per_image=SHAPES_PER_IMAGE,
-                                                seed=seed, name="train"))
+    all_train = make_shapes_dataset(folder / "data", N_TRAIN, shapes_per_image=SHAPES_PER_IMAGE, seed=seed,
+                                    name="train")
+    train = split_by_domain(all_train)
     held_out = make_shapes_dataset(folder / "data", N_EVAL, shapes_per_image=SHAPES_PER_IMAGE, seed=seed + 1,
                                    name="eval")
     queries = {name: [q for q in load_queries(held_out) if domain_of(q.phrase) == name] for name in DOMAINS}
     tokenizer = load_tokenizer(base)
     previous = folder / "merge_domains.json"
     results: dict = json.loads(previous.read_text()) if previous.exists() else {
-        "steps": steps, "seed": seed, "queries": {k: len(v) for k, v in queries.items()},
+        "steps": steps, "seed": seed, "start_steps": start_steps, "queries": {k: len(v) for k, v in queries.items()},
         "train_queries": {k: len(v.read_text().splitlines()) for k, v in train.items()},
         "acc@0.5": {}, "train_seconds": {}, "seconds": 0.0}
     if "base" not in results["acc@0.5"]:
         results["acc@0.5"]["base"] = accuracy(load_model(base, dtype=torch.float32), tokenizer, queries,
                                               folder / "eval" / "base")
+    if start_steps and "start" not in results["acc@0.5"]:
+        t = time.time()
+        start_run = train_adapter(base, all_train, folder / "adapter-start", start_steps, seed, lora_only=False)
+        merge_adapters(base, [start_run], folder / "start", overwrite=True)
+        results["train_seconds"]["start"] = round(time.time() - t, 1)
+        results["acc@0.5"]["start"] = accuracy(load_model(folder / "start", dtype=torch.float32), tokenizer,
+                                               queries, folder / "eval" / "start")
+    if start_steps:
+        base = folder / "start"  # the adapters train on, and merge into, the model that already grounds
     adapters = {name: folder / f"adapter-{name}" for name in train}
     for name, file in train.items():
         if f"adapter {name}" in results["acc@0.5"]:  # trained and scored by an earlier call
@@ -143,7 +161,9 @@ def plot(results: dict, png: Path) -> None:
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.set_xticks(range(len(models)), models, fontsize=8, rotation=20)
     ax.set_ylabel("Acc@0.5")
-    ax.set_title(f"One adapter per domain ({results['steps']} steps each) and their combinations "
+    start = (f", from a start trained {results['start_steps']} steps on both"
+             if results.get("start_steps") else "")
+    ax.set_title(f"One adapter per domain ({results['steps']} steps each{start}) and their combinations "
                  "(method weight_warm/weight_cool)", fontsize=10)
     ax.set_ylim(0, max(0.1, *(v for acc in results["acc@0.5"].values() for v in acc.values())) * 1.25)
     ax.legend(fontsize=8, loc="upper center")
@@ -166,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--methods", nargs="+", default=list(COMBINE), choices=list(COMBINE))
     p.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("WARM", "COOL"))
+    p.add_argument("--start-steps", type=int, default=0,
+                   help="first train the demo recipe this many steps on both domains and merge it: the start")
     args = p.parse_args(argv)
-    results = run(args.folder, args.steps, args.seed, args.methods, tuple(args.weights))
+    results = run(args.folder, args.steps, args.seed, args.methods, tuple(args.weights), args.start_steps)
     print(summary(results))
     print(f"{args.folder / 'merge_domains.json'}, {args.folder / 'merge_domains.png'} ({results['seconds']:.0f} s)")
     return 0

@@ -152,7 +152,7 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
 
     One pass over the base: while file i is merged, a thread hashes file i+1 (sha256 releases the
     GIL), which also pulls it into the page cache, so the merge reads it from memory; a file whose
-    digest is remembered (digests.py: hashed before, unchanged since) is only read ahead. Base files
+    digest is remembered (digests.py: hashed before, unchanged since) is only read. Base files
     are mapped, not read (`mmap=True`); the writer streams each tensor to its shard as it comes, so
     the process holds the mapped input file and the tensor being merged, nothing more.
     """
@@ -162,6 +162,7 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     specs = [replace(s, dtype=_out_dtype(s.dtype, dtype)) for s in checkpoint.tensor_specs(base_dir)]
     writer = ShardWriter(out_dir, specs, max_shard_size)
     lora = _to_device(lora, device)
+    scratch = Scratch()  # two outputs in turn: the writer below holds at most one while the next is computed
     done: dict[str, str] = {}
     bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="merging",
                disable=len(files) < 2)
@@ -177,7 +178,7 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
             shard = checkpoint.load_weight_file(path, mmap=True)
             for key in keys:
                 # pop: hold no reference of our own, so each mapped input tensor goes once written
-                tensor, action = merge_tensor(key, shard.pop(key), lora, dtype, device)
+                tensor, action = merge_tensor(key, shard.pop(key), lora, dtype, device, scratch)
                 checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
                 if writing is not None:
                     writing.result()
@@ -197,16 +198,12 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
 
 
 def digest_ahead(path: Path) -> str:
-    """The file's sha256, with the file on its way into the page cache: hashing reads it; a
-    remembered digest asks the kernel to read it ahead (WILLNEED), which costs this process no CPU."""
+    """The file's sha256, with the file read into the page cache: hashing reads it, and a file
+    whose digest is remembered is read through without hashing."""
     remembered = digests.remembered_sha256(path)
     if remembered is None:
         return digests.weight_sha256(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
+    checkpoint.read_through(path)  # fadvise(WILLNEED) would read only read_ahead_kb (a few MB) of it
     return remembered
 
 
@@ -226,9 +223,41 @@ def _out_dtype(base: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and base.is_floating_point else base
 
 
+class Scratch:
+    """Reused CPU buffers for the LoRA maths: the float32 W + scale BA, and two outputs taken in
+    turn (one is being written while the next is computed).
+
+    A fresh 200 MB tensor per merged weight costs the kernel a page fault and a zeroed page per
+    4 KiB: about 10 s of system time over the release's 5 billion merged values, as much as the
+    maths itself (BENCHMARKS.md). Reused buffers are faulted in once.
+    """
+
+    def __init__(self) -> None:
+        self._work = torch.empty(0)
+        self._outs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        self._turn = 0
+
+    def work(self, shape: torch.Size) -> torch.Tensor:
+        if self._work.numel() < shape.numel():
+            self._work = torch.empty(shape.numel())
+        return self._work[:shape.numel()].view(shape)
+
+    def out(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        self._turn = 1 - self._turn
+        nbytes = shape.numel() * dtype.itemsize
+        if self._outs[self._turn].numel() < nbytes:
+            self._outs[self._turn] = torch.empty(nbytes, dtype=torch.uint8)
+        return self._outs[self._turn][:nbytes].view(dtype).view(shape)
+
+
 def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter, dtype: torch.dtype | None,
-                 device: str | torch.device = "cpu") -> tuple[torch.Tensor, str | None]:
-    """(merged tensor on the CPU, action or None) for one base tensor; LoRA maths on `device`."""
+                 device: str | torch.device = "cpu", scratch: Scratch | None = None
+                 ) -> tuple[torch.Tensor, str | None]:
+    """(merged tensor on the CPU, action or None) for one base tensor; LoRA maths on `device`.
+
+    With `scratch` (CPU maths only), a merged weight lives in a scratch buffer that the call after
+    next reuses: it must be written out before then.
+    """
     out_dtype = _out_dtype(tensor.dtype, dtype)
     if key in lora.replacements:
         new = lora.replacements[key]
@@ -237,21 +266,29 @@ def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter, dtype: torch.dty
                                   f"base has {tuple(tensor.shape)}")
         return new.to(out_dtype), "trained"
     if key in lora.deltas:
+        device = torch.device(device)
+        on_cpu = scratch if device.type == "cpu" else None
+        merged = _apply_delta(key, tensor, lora.deltas[key], lora, device, on_cpu)
+        if on_cpu is not None:
+            return on_cpu.out(merged.shape, out_dtype).copy_(merged), "lora"
         # cast where the maths ran: from a GPU, half the bytes come back
-        return _apply_delta(key, tensor, lora.deltas[key], lora, torch.device(device)).to(out_dtype).cpu(), "lora"
+        return merged.to(out_dtype).cpu(), "lora"
     if key in lora.bias_deltas:
         return (tensor.float() + lora.bias_deltas[key]).to(out_dtype), "lora_bias"
     return tensor.to(out_dtype), None
 
 
-def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter, device: torch.device) -> torch.Tensor:
+def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter, device: torch.device,
+                 scratch: Scratch | None = None) -> torch.Tensor:
     # B.flatten(1) @ A.flatten(1) covers nn.Linear ([out,r] @ [r,in]) and PEFT's Conv2d LoRA
     # (1x1 B, A with the layer's kernel), whose product reshapes to the weight's shape.
     B, A = delta.B.to(device, torch.float32).flatten(1), delta.A.to(device, torch.float32).flatten(1)
     if B.shape[0] * A.shape[1] != weight.numel():
         raise CheckpointError(f"{lora.where}: LoRA on '{delta.module}' gives a delta of "
                               f"{(B.shape[0], A.shape[1])} for '{key}' of shape {tuple(weight.shape)}")
-    merged = weight.to(device, torch.float32, copy=True)  # never written into the (mapped) base tensor
+    # a float32 copy, never written into the (mapped) base tensor
+    merged = (scratch.work(weight.shape).copy_(weight) if scratch is not None
+              else weight.to(device, torch.float32, copy=True))
     # lora_embedding_A [r, vocab], B [dim, r]: the product is W^T's shape
     target = merged.view(A.shape[1], B.shape[0]).T if delta.embedding else merged.view(B.shape[0], A.shape[1])
     target.addmm_(B, A, alpha=delta.scale)  # W + scale * (B @ A), in place: one float32 copy of W, no more
