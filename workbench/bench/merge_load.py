@@ -8,8 +8,9 @@ trains) is written beside it in PEFT's own format.
 
 Every timed phase starts from a cold page cache for the files it touches (fsync, then
 posix_fadvise DONTNEED) and ends with the written data on disk (sync), so the ratios compare disk
-work with disk work. Merge and load run in child processes: their peak RSS comes from the kernel
-(wait4's ru_maxrss, which counts mapped file pages the process touched).
+work with disk work. Merge and load run in child processes (the merge as `workbench merge`, what a
+user runs): their peak RSS comes from the kernel (wait4's ru_maxrss, which counts mapped file pages
+the process touched).
 """
 
 from __future__ import annotations
@@ -186,6 +187,9 @@ def check_merge(base: Path, adapter: Path, merged: Path) -> dict:
 # `options`: extra keyword arguments as source text ("" for a tree older than merge's `device`).
 MERGE_CODE = ("from workbench.merge import merge_adapter; "
               "merge_adapter({base!r}, {adapter!r}, {out!r}, overwrite=True{options})")
+# What a user runs: `workbench merge` (the command sets up the process for the merge before torch loads).
+MERGE_CLI = ("import sys; from workbench.cli.main import main; "
+             "sys.exit(main(['merge', '--base', {base!r}, '--adapter', {adapter!r}, '--out', {out!r}, '--overwrite']))")
 LOAD_CODE = ("import time; from workbench import load_model; t = time.perf_counter(); "
              "m = load_model({base!r}, dtype='bfloat16'); "
              "print(f'load_model: {{time.perf_counter() - t:.1f}} s', flush=True)")
@@ -233,7 +237,7 @@ def merge_round(folder: Path, base: Path, adapter: Path, before: Path | None, ke
     shutil.rmtree(folder / "copy")  # disk: the release fits three times on a 73 GB disk, not four
     merged, digest_cache = folder / "merged", folder / "digest-cache"
     shutil.rmtree(digest_cache, ignore_errors=True)  # "merge" meets the base for the first time
-    code = MERGE_CODE.format(base=str(base), adapter=str(adapter), out=str(merged), options="")
+    code = MERGE_CLI.format(base=str(base), adapter=str(adapter), out=str(merged))
     for phase in MERGES if before is not None else MERGES[1:]:
         cpu: dict = {}
         seconds, rss = timed_child(code, base_files, before if phase == "before" else None, cpu,

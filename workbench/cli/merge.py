@@ -4,6 +4,7 @@ or combine several into one adapter (`--adapter-out`)."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from workbench.cli.args import number, whole
 from workbench.dtypes import DTYPE_NAMES
@@ -60,6 +61,10 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Before torch (and its OpenMP) loads: OpenMP threads that spin between the merge's matrix
+    # products take the cores the base's reader and the writer need (5 s of CPU over the release
+    # on 2 cores, BENCHMARKS.md); sleeping costs a few microseconds per product.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from workbench.dtypes import TORCH_DTYPES
     from workbench.merge.combine import Combine
     from workbench.merge.merge import merge_adapters
