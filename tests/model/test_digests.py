@@ -95,3 +95,12 @@ def test_entries_of_deleted_files_are_dropped_and_a_broken_cache_is_ignored(cach
     cache.write_text("{not json")
     assert digests.remembered_sha256(kept) is None
     assert digests.weight_sha256(kept) == hashlib.sha256(b"k").hexdigest()
+
+
+@pytest.mark.parametrize("size", [0, 1, 8192, 3 * 8192 + 17])
+def test_sha256_file_equals_hashlib_over_whole_and_partial_chunks(tmp_path, monkeypatch, size):
+    monkeypatch.setattr(digests, "CHUNK", 8192)  # page-aligned chunks, the last one partial
+    path = tmp_path / "w.bin"
+    data = os.urandom(size)
+    path.write_bytes(data)
+    assert digests.sha256_file(path) == hashlib.sha256(data).hexdigest()

@@ -24,6 +24,7 @@ from workbench.user_cache import user_cache
 
 REMEMBERED_FROM = 64 << 20  # smaller files hash in a fraction of a second: not worth an entry
 RACY_NS = 1_000_000_000
+CHUNK = 1 << 24  # hashed, then unmapped, 16 MiB at a time
 
 
 def cache_file() -> Path:
@@ -40,8 +41,11 @@ def sha256_file(path: Path) -> str:
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             view = memoryview(mapped)
             try:
-                for start in range(0, len(view), 1 << 24):
-                    digest.update(view[start:start + (1 << 24)])
+                for start in range(0, len(view), CHUNK):
+                    digest.update(view[start:start + CHUNK])
+                    # unmap what was hashed: the pages stay in the page cache for the merge's own
+                    # mapping, but no longer count in this process's RSS (two mapped files would)
+                    mapped.madvise(mmap.MADV_DONTNEED, start, min(CHUNK, len(view) - start))
             finally:
                 view.release()  # a live export would keep the mapping from closing
     return digest.hexdigest()
