@@ -1,7 +1,7 @@
 """Two domains, one adapter each, and the adapters combined by `workbench merge` (issue 33).
 
     python -m workbench.demo.merge_domains R [--steps 1000] [--seed 0] [--methods cat linear ties dare_ties]
-                                             [--weights 1 1] [--start-steps 0]
+                                             [--weights 1 1] [--start-steps 0] [--lr R]
 
 The demo's shapes (workbench.demo.synthetic) split by colour into two domains: "warm" phrases
 name red or yellow shapes, "cool" ones green or blue shapes. R gets the demo's base model
@@ -59,7 +59,8 @@ def split_by_domain(jsonl: Path) -> dict[str, Path]:
     return files
 
 
-def train_adapter(base: Path, train_file: Path, out: Path, steps: int, seed: int, lora_only: bool = True) -> Path:
+def train_adapter(base: Path, train_file: Path, out: Path, steps: int, seed: int, lora_only: bool = True,
+                  lr: float | None = None) -> Path:
     from workbench.demo.runner import DEMO_CONFIG
     from workbench.errors import WorkbenchError
     from workbench.train.config import load_run_config
@@ -67,7 +68,7 @@ def train_adapter(base: Path, train_file: Path, out: Path, steps: int, seed: int
 
     overrides = [f"model={base}", f"data.train={train_file}", f"train.output_dir={out}", f"train.seed={seed}",
                  f"train.max_steps={steps}", f"train.logging_steps={max(1, steps // 50)}",
-                 *([LORA_ONLY] if lora_only else [])]
+                 *([LORA_ONLY] if lora_only else []), *([f"train.lr={lr}"] if lr is not None else [])]
     result = train(load_run_config(DEMO_CONFIG, overrides))
     if result.status != "completed":
         raise WorkbenchError(f"{out}: training stopped ({result.status}); see its workbench_run.json")
@@ -84,7 +85,7 @@ def accuracy(model, tokenizer, queries: dict[str, list], out: Path) -> dict[str,
 
 
 def run(folder: Path, steps: int, seed: int, methods: list[str], weights: tuple[float, float] = (1.0, 1.0),
-        start_steps: int = 0) -> dict:
+        start_steps: int = 0, lr: float | None = None) -> dict:
     from peft import PeftModel
 
     from workbench.api import load_model, load_tokenizer
@@ -107,7 +108,7 @@ def run(folder: Path, steps: int, seed: int, methods: list[str], weights: tuple[
     tokenizer = load_tokenizer(base)
     previous = folder / "merge_domains.json"
     results: dict = json.loads(previous.read_text()) if previous.exists() else {
-        "steps": steps, "seed": seed, "start_steps": start_steps, "queries": {k: len(v) for k, v in queries.items()},
+        "steps": steps, "seed": seed, "start_steps": start_steps, "lr": lr, "queries": {k: len(v) for k, v in queries.items()},
         "train_queries": {k: len(v.read_text().splitlines()) for k, v in train.items()},
         "acc@0.5": {}, "train_seconds": {}, "seconds": 0.0}
     if "base" not in results["acc@0.5"]:
@@ -127,7 +128,7 @@ def run(folder: Path, steps: int, seed: int, methods: list[str], weights: tuple[
         if f"adapter {name}" in results["acc@0.5"]:  # trained and scored by an earlier call
             continue
         t = time.time()
-        train_adapter(base, file, adapters[name], steps, seed)
+        train_adapter(base, file, adapters[name], steps, seed, lr=lr)
         results["train_seconds"][name] = round(time.time() - t, 1)
         model = PeftModel.from_pretrained(load_model(base, dtype=torch.float32), adapters[name])
         results["acc@0.5"][f"adapter {name}"] = accuracy(model, tokenizer, queries, folder / "eval" / name)
@@ -163,7 +164,8 @@ def plot(results: dict, png: Path) -> None:
     ax.set_ylabel("Acc@0.5")
     start = (f", from a start trained {results['start_steps']} steps on both"
              if results.get("start_steps") else "")
-    ax.set_title(f"One adapter per domain ({results['steps']} steps each{start}) and their combinations "
+    lr = f", lr {results['lr']:g}" if results.get("lr") else ""
+    ax.set_title(f"One adapter per domain ({results['steps']} steps each{lr}{start}) and their combinations "
                  "(method weight_warm/weight_cool)", fontsize=10)
     ax.set_ylim(0, max(0.1, *(v for acc in results["acc@0.5"].values() for v in acc.values())) * 1.25)
     ax.legend(fontsize=8, loc="upper center")
@@ -188,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weights", type=float, nargs=2, default=[1.0, 1.0], metavar=("WARM", "COOL"))
     p.add_argument("--start-steps", type=int, default=0,
                    help="first train the demo recipe this many steps on both domains and merge it: the start")
+    p.add_argument("--lr", type=float, default=None, help="the domain adapters' learning rate (default: the demo's)")
     args = p.parse_args(argv)
-    results = run(args.folder, args.steps, args.seed, args.methods, tuple(args.weights), args.start_steps)
+    results = run(args.folder, args.steps, args.seed, args.methods, tuple(args.weights), args.start_steps, args.lr)
     print(summary(results))
     print(f"{args.folder / 'merge_domains.json'}, {args.folder / 'merge_domains.png'} ({results['seconds']:.0f} s)")
     return 0
