@@ -101,3 +101,39 @@ def test_adapter_for_another_model_is_refused(tmp_path):
     _peft_merge(LoraConfig(r=4, lora_alpha=8, target_modules=["w1"]), tmp_path)
     with pytest.raises(CheckpointError, match="'w1' has no weight in the base"):
         read_adapter(tmp_path / "adapter", {"c_attn.weight"})
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_scratch_buffers_hand_over_every_tensor_intact_to_a_slow_writer(adapters, tiny_base, tmp_path, monkeypatch,
+                                                                        dtype):
+    """The CPU maths reuse two output buffers in turn: each merged tensor must reach the disk before
+    its buffer is used again, however slowly the writer goes."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from workbench.merge import merge as merge_mod
+    from workbench.model.checkpoint import weight_map
+
+    adapter = adapters("llm")
+    merge_mod.merge_adapter(tiny_base, adapter, tmp_path / "fast", dtype=dtype)
+
+    class SlowWriter(merge_mod.ShardWriter):
+        def add(self, name, tensor):
+            time.sleep(0.002)
+            super().add(name, tensor)
+
+    monkeypatch.setattr(merge_mod, "ShardWriter", SlowWriter)
+    report = merge_mod.merge_adapter(tiny_base, adapter, tmp_path / "slow", dtype=dtype)
+    assert report["merged_modules"]
+    for folder in ("fast", "slow"):
+        assert sorted(weight_map(tmp_path / folder)) == sorted(weight_map(tiny_base))
+    fast = {k: v for f in set(weight_map(tmp_path / "fast").values()) for k, v in load_file(f).items()}
+    slow = {k: v for f in set(weight_map(tmp_path / "slow").values()) for k, v in load_file(f).items()}
+    assert fast.keys() == slow.keys() and all(torch.equal(fast[k], slow[k]) for k in fast)
+    # and the buffers really were reused: a merged LoRA weight equals the hand computation
+    deltas = read_adapter(adapter, set(weight_map(tiny_base))).deltas
+    key, d = next((k, d) for k, d in deltas.items() if not d.embedding)
+    base = load_file(weight_map(tiny_base)[key])[key]
+    expected = (base.float() + d.scale * (d.B.float() @ d.A.float())).to(dtype or base.dtype)
+    assert torch.equal(slow[key], expected)
