@@ -1,7 +1,8 @@
 """Stream a base checkpoint shard by shard, fold a LoRA adapter into it, write the release layout.
 
-Peak memory is the mapped input shard, the tensor being merged, and the adapter: a 9.6B model
-merges on a 24 GiB machine at about the speed of copying its files (BENCHMARKS.md). Output
+Peak memory is the mapped input shard, the tensor being merged and the one being written (reused
+scratch buffers), and the adapter: a 9.6B model merges on a 24 GiB machine at about the speed of
+copying its files (BENCHMARKS.md). Output
 weights are safetensors shards + index (the release's pytorch_model-*.bin layout is read, not
 written: safetensors loads without unpickling). The maths runs in float32 and is cast once to the
 output dtype; tensors the adapter does not touch are passed through untouched (bit for bit
@@ -147,7 +148,7 @@ def _verify(base_dir: Path, lora: Adapter, sources: list[Adapter], combine: Comb
 
 
 def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtype | None, max_shard_size: int,
-                 base_check: BaseCheck, digests: dict[str, str], device: str = "cpu") -> dict[str, str]:
+                 base_check: BaseCheck, weight_digests: dict[str, str], device: str = "cpu") -> dict[str, str]:
     """Merge every base tensor into `out_dir`; returns {key: what was done} for the touched keys.
 
     One pass over the base: while file i is merged, a thread hashes file i+1 (sha256 releases the
@@ -171,8 +172,8 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     with ThreadPoolExecutor(max_workers=1) as hasher, ThreadPoolExecutor(max_workers=1) as io, bar:
         pending, writing = hasher.submit(digest_ahead, files[0][0]), None
         for i, ((path, keys), name) in enumerate(zip(files, names, strict=True)):
-            digests[name] = pending.result()
-            base_check.weight(name, digests[name])
+            weight_digests[name] = pending.result()
+            base_check.weight(name, weight_digests[name])
             if i + 1 < len(files):
                 pending = hasher.submit(digest_ahead, files[i + 1][0])
             shard = checkpoint.load_weight_file(path, mmap=True)
