@@ -142,8 +142,10 @@ def timed_child(code: str, evict_paths: list[Path], source: Path | None = None,
     child's XDG_CACHE_HOME: where it finds (and leaves) remembered weight digests."""
     evict(evict_paths)
     # -P: `python -c` would put the working folder first on sys.path, and from a checkout that is
-    # this workbench, whatever PYTHONPATH names; the child imports exactly the tree it is given.
-    env = {**os.environ, "PYTHONPATH": str(source or Path(__file__).resolve().parents[2])}
+    # this workbench, whatever PYTHONPATH names; the child imports the tree it is given, ahead of
+    # what PYTHONPATH already holds (the GPU suite's carried packages).
+    tree = str(source or Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p)}
     if digest_cache is not None:
         env["XDG_CACHE_HOME"] = str(digest_cache)
     start = time.perf_counter()
