@@ -203,7 +203,7 @@ def digest_ahead(path: Path) -> str:
     whose digest is remembered is read through without hashing."""
     remembered = digests.remembered_sha256(path)
     if remembered is None:
-        return digests.weight_sha256(path)
+        return digests.hash_and_remember(path)
     checkpoint.read_through(path)  # fadvise(WILLNEED) would read only read_ahead_kb (a few MB) of it
     return remembered
 

@@ -54,10 +54,14 @@ def sha256_file(path: Path) -> str:
 def weight_sha256(path: Path) -> str:
     """sha256 of a weight file: the remembered digest while the file is unchanged, else computed
     (and remembered if the file is large)."""
-    path = Path(path).resolve()
     remembered = remembered_sha256(path)
-    if remembered is not None:
-        return remembered
+    return remembered if remembered is not None else hash_and_remember(path)
+
+
+def hash_and_remember(path: Path) -> str:
+    """sha256 of a weight file, computed, and remembered if the file is large and was not written
+    within the racy window."""
+    path = Path(path).resolve()
     started = time.time_ns()
     before = _stamp(path)
     digest = sha256_file(path)
