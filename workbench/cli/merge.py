@@ -62,8 +62,8 @@ def parse_weights(text: str | None) -> tuple[float, ...] | None:
 
 def run(args: argparse.Namespace) -> int:
     # Before torch (and its OpenMP) loads: OpenMP threads that spin between the merge's matrix
-    # products take the cores the base's reader and the writer need (5 s of CPU over the release
-    # on 2 cores, BENCHMARKS.md); sleeping costs a few microseconds per product.
+    # products take the cores the base's reader and the writer need (4.5-6 s of CPU over the
+    # release on 2 cores, BENCHMARKS.md); sleeping costs a few microseconds per product.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from workbench.dtypes import TORCH_DTYPES
     from workbench.merge.combine import Combine
