@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import CheckpointError
-from workbench.model.checkpoint import sha256_file
+from workbench.model.digests import sha256_file
 
 RECORD_NAME = "workbench_run.json"
 RESOLVED_CONFIG_NAME = "config.resolved.yaml"

@@ -110,7 +110,7 @@ def test_cli_eval_grounding_end_to_end_with_adapter(tmp_path, tiny_dir, converte
     assert [s["answer"] for s in reports[1]["samples"]] == [s["answer"] for s in reports[0]["samples"]]
     assert main(["eval", "grounding", "--model", str(tiny_dir), "--data", str(data),
                  "--adapter", str(tmp_path / "nope"), "--out", str(tmp_path / "out9")]) == 2
-    from workbench.model.checkpoint import sha256_file
+    from workbench.model.digests import sha256_file
 
     assert reports[1]["about"]["adapter"] == str(tmp_path / "adapter") and reports[0]["about"]["model"] == str(tiny_dir)
     assert reports[0]["about"]["data_sha256"] == sha256_file(data)

@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run_grounding(args: argparse.Namespace) -> int:
     from workbench.eval.chat import load_for_inference
     from workbench.eval.grounding import evaluate_grounding, load_queries, prepare_out_dir
-    from workbench.model.checkpoint import sha256_file
+    from workbench.model.digests import sha256_file
 
     out = prepare_out_dir(args.out, args.overwrite)  # before anything slow
     queries = load_queries(args.data, args.image_root, args.allow_outside_root)[:args.limit]

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from workbench.atomic import atomic_path, write_json
 from workbench.merge.adapter import PREFIX, Adapter
 from workbench.merge.report import BaseCheck, adapter_entries
-from workbench.model.checkpoint import sha256_file
+from workbench.model.digests import sha256_file
 from workbench.run_folder import RECORD_NAME
 
 WEIGHTS = "adapter_model.safetensors"

@@ -9,7 +9,7 @@ import torch
 from workbench.atomic import write_json
 from workbench.errors import CheckpointError
 from workbench.merge.adapter import MHA_OUT_PROJ, PEFT_MHA_OUT_PROJ_FACTOR, Adapter
-from workbench.model.checkpoint import sha256_file
+from workbench.model.digests import sha256_file
 
 REPORT = "merge_report.json"
 
