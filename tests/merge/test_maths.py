@@ -58,9 +58,18 @@ CONFIGS = {
 }
 
 
+# The CPU maths' row blocks (merge.BLOCK_BYTES): the whole toy tensor at once, one row at a time,
+# and 320 bytes = 5 float32 rows of 16 (c_attn's 48 rows end in a short block of 3).
+BLOCKS = {"whole": 4 << 20, "row": 1, "ragged": 320}
+
+
 @pytest.mark.filterwarnings("ignore:Adapter 'default'.*invalid shape")  # PEFT misreads lora_B.bias
+@pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("name", CONFIGS)
-def test_merge_tensor_matches_peft_merge_and_unload(name, tmp_path):
+def test_merge_tensor_matches_peft_merge_and_unload(name, block, tmp_path, monkeypatch):
+    from workbench.merge import merge as merge_mod
+
+    monkeypatch.setattr(merge_mod, "BLOCK_BYTES", BLOCKS[block])
     config = LoraConfig(r=4, lora_alpha=8, **CONFIGS[name])
     base_sd, expected, adapter = _peft_merge(config, tmp_path)
     assert set(expected) == set(base_sd)

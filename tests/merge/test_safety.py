@@ -194,3 +194,48 @@ def test_a_remembered_digest_of_another_base_still_fails_the_check(adapters, oth
         merge_adapter(other_base, adapter, tmp_path / "out")
     assert opened == ["hash config.json"]  # the weights' digest came from memory, and did not match
     assert not (tmp_path / "out").exists()
+
+
+
+def test_maths_leave_the_hasher_a_core_and_the_thread_count_is_restored(adapters, tiny_base, tmp_path, monkeypatch):
+    """While the next file is being hashed the maths run one thread fewer, then all of them again;
+    the process's thread count is back to what it was after the merge, even one that fails."""
+    import threading
+
+    from workbench.model import checkpoint
+
+    sharded = tmp_path / "sharded"  # several files: the second is hashed while the first merges
+    checkpoint.save_model(dict(next(checkpoint.iter_shards(tiny_base))[1]), sharded, max_shard_size=200_000)
+    checkpoint.copy_non_weight_files(tiny_base, sharded)
+    files = checkpoint.shard_files(sharded)
+    assert len(files) >= 2
+    real_digest, real_merge = merge_mod.digest_ahead, merge_mod.merge_tensor
+    hash_may_finish, seen, fail = threading.Event(), [], []
+
+    def slow_digest(path):  # the second file's hash is still running when the first tensor merges
+        if path == files[1][0]:
+            hash_may_finish.wait(timeout=30)
+        return real_digest(path)
+
+    def merge_tensor(*args):
+        seen.append(torch.get_num_threads())
+        hash_may_finish.set()
+        if fail:
+            raise RuntimeError("disk full")
+        return real_merge(*args)
+
+    monkeypatch.setattr(merge_mod, "digest_ahead", slow_digest)
+    monkeypatch.setattr(merge_mod, "merge_tensor", merge_tensor)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        merge_adapter(sharded, adapters("llm"), tmp_path / "out", force=True)
+        assert (seen[0], seen[-1]) == (1, 2), seen  # the last file has no hash after it
+        assert torch.get_num_threads() == 2
+        hash_may_finish.clear()
+        fail.append(True)
+        with pytest.raises(RuntimeError, match="disk full"):  # fails while the maths hold one thread
+            merge_adapter(sharded, adapters("llm"), tmp_path / "out2", force=True)
+        assert seen[-1] == 1 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)

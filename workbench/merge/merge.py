@@ -168,29 +168,36 @@ def stream_merge(base_dir: Path, lora: Adapter, out_dir: Path, dtype: torch.dtyp
     bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, desc="merging",
                disable=len(files) < 2)
     # One thread hashes (and so reads ahead), one writes: the merge maths of tensor k+1 runs while
-    # tensor k goes to disk, and at most one merged tensor waits for the disk.
-    with ThreadPoolExecutor(max_workers=1) as hasher, ThreadPoolExecutor(max_workers=1) as io, bar:
-        pending, writing = hasher.submit(digest_ahead, files[0][0]), None
-        for i, ((path, keys), name) in enumerate(zip(files, names, strict=True)):
-            weight_digests[name] = pending.result()
-            base_check.weight(name, weight_digests[name])
-            if i + 1 < len(files):
-                pending = hasher.submit(digest_ahead, files[i + 1][0])
-            shard = checkpoint.load_weight_file(path, mmap=True)
-            for key in keys:
-                # pop: hold no reference of our own, so each mapped input tensor goes once written
-                tensor, action = merge_tensor(key, shard.pop(key), lora, dtype, device, scratch)
-                checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
-                if writing is not None:
-                    writing.result()
-                writing = io.submit(writer.add, key, tensor)
-                bar.update(tensor.numel() * tensor.element_size())
-                if action:
-                    done[key] = action
-                del tensor
-            del shard
-        if writing is not None:
-            writing.result()
+    # tensor k goes to disk, and at most one merged tensor waits for the disk. While the hasher is
+    # busy the maths take one thread, not two: on two cores, three busy threads slow all of them
+    # (BENCHMARKS.md: less CPU and a faster hash for the same merge).
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(max_workers=1) as hasher, ThreadPoolExecutor(max_workers=1) as io, bar:
+            pending, writing = hasher.submit(digest_ahead, files[0][0]), None
+            for i, ((path, keys), name) in enumerate(zip(files, names, strict=True)):
+                weight_digests[name] = pending.result()
+                base_check.weight(name, weight_digests[name])
+                if i + 1 < len(files):
+                    pending = hasher.submit(digest_ahead, files[i + 1][0])
+                shard = checkpoint.load_weight_file(path, mmap=True)
+                for key in keys:
+                    torch.set_num_threads(threads if pending.done() else max(1, threads - 1))
+                    # pop: hold no reference of our own, so each mapped input tensor goes once written
+                    tensor, action = merge_tensor(key, shard.pop(key), lora, dtype, device, scratch)
+                    checkpoint.check_finite({key: tensor}, f"merged output (from {base_dir})")  # every tensor written
+                    if writing is not None:
+                        writing.result()
+                    writing = io.submit(writer.add, key, tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
+                    if action:
+                        done[key] = action
+                    del tensor
+                del shard
+            if writing is not None:
+                writing.result()
+    finally:
+        torch.set_num_threads(threads)
     writer.close()
     missing = (set(lora.deltas) | set(lora.bias_deltas) | set(lora.replacements)) - set(done)
     if missing:  # weight_map and the shards disagree: the base folder is inconsistent
@@ -224,9 +231,14 @@ def _out_dtype(base: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and base.is_floating_point else base
 
 
+# Rows of float32 the CPU maths take per step: W's rows are converted, updated and cast back while
+# they sit in the cache, where a whole float32 copy of a 200 MB weight would go through memory
+# three times (BENCHMARKS.md: a fifth less CPU for the same bits).
+BLOCK_BYTES = 4 << 20
+
+
 class Scratch:
-    """Reused CPU buffers for the LoRA maths: the float32 W + scale BA, and two outputs taken in
-    turn (one is being written while the next is computed).
+    """Two reused CPU output buffers, taken in turn: one is being written while the next is computed.
 
     A fresh 200 MB tensor per merged weight costs the kernel a page fault and a zeroed page per
     4 KiB: about 10 s of system time over the release's 5 billion merged values, as much as the
@@ -234,14 +246,8 @@ class Scratch:
     """
 
     def __init__(self) -> None:
-        self._work = torch.empty(0)
         self._outs = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
         self._turn = 0
-
-    def work(self, shape: torch.Size) -> torch.Tensor:
-        if self._work.numel() < shape.numel():
-            self._work = torch.empty(shape.numel())
-        return self._work[:shape.numel()].view(shape)
 
     def out(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
         self._turn = 1 - self._turn
@@ -268,35 +274,41 @@ def merge_tensor(key: str, tensor: torch.Tensor, lora: Adapter, dtype: torch.dty
         return new.to(out_dtype), "trained"
     if key in lora.deltas:
         device = torch.device(device)
-        on_cpu = scratch if device.type == "cpu" else None
-        merged = _apply_delta(key, tensor, lora.deltas[key], lora, device, on_cpu)
-        if on_cpu is not None:
-            return on_cpu.out(merged.shape, out_dtype).copy_(merged), "lora"
         # cast where the maths ran: from a GPU, half the bytes come back
-        return merged.to(out_dtype).cpu(), "lora"
+        out = (scratch.out(tensor.shape, out_dtype) if scratch is not None and device.type == "cpu"
+               else torch.empty(tensor.shape, dtype=out_dtype, device=device))
+        return _apply_delta(key, tensor, lora.deltas[key], lora, out).cpu(), "lora"
     if key in lora.bias_deltas:
         return (tensor.float() + lora.bias_deltas[key]).to(out_dtype), "lora_bias"
     return tensor.to(out_dtype), None
 
 
-def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter, device: torch.device,
-                 scratch: Scratch | None = None) -> torch.Tensor:
+def _apply_delta(key: str, weight: torch.Tensor, delta: LoraDelta, lora: Adapter, out: torch.Tensor) -> torch.Tensor:
+    """`out` (W's shape, the output dtype, on the maths' device) = W + scale * B @ A, DoRA's row
+    rescale after it, in float32 a block of rows at a time (the whole tensor at once on a GPU).
+    The (mapped) base tensor is only read."""
+    device = out.device
     # B.flatten(1) @ A.flatten(1) covers nn.Linear ([out,r] @ [r,in]) and PEFT's Conv2d LoRA
     # (1x1 B, A with the layer's kernel), whose product reshapes to the weight's shape.
     B, A = delta.B.to(device, torch.float32).flatten(1), delta.A.to(device, torch.float32).flatten(1)
     if B.shape[0] * A.shape[1] != weight.numel():
         raise CheckpointError(f"{lora.where}: LoRA on '{delta.module}' gives a delta of "
                               f"{(B.shape[0], A.shape[1])} for '{key}' of shape {tuple(weight.shape)}")
-    # a float32 copy, never written into the (mapped) base tensor
-    merged = (scratch.work(weight.shape).copy_(weight) if scratch is not None
-              else weight.to(device, torch.float32, copy=True))
-    # lora_embedding_A [r, vocab], B [dim, r]: the product is W^T's shape
-    target = merged.view(A.shape[1], B.shape[0]).T if delta.embedding else merged.view(B.shape[0], A.shape[1])
-    target.addmm_(B, A, alpha=delta.scale)  # W + scale * (B @ A), in place: one float32 copy of W, no more
-    if delta.magnitude is not None:
-        # DoRA: each output row is rescaled to the learned magnitude over the norm of W + ΔW
-        merged = (delta.magnitude.to(device, torch.float32) / torch.linalg.norm(merged, dim=1)).view(-1, 1) * merged
-    return merged
+    # W as rows x cols += left @ right; lora_embedding_A [r, vocab] and B [dim, r] give W [vocab, dim]
+    # the transposed product, A^T @ B^T.
+    left, right = (A.T, B.T) if delta.embedding else (B, A)
+    rows, cols = left.shape[0], right.shape[1]
+    w, o = weight.reshape(rows, cols), out.view(rows, cols)
+    step = max(1, BLOCK_BYTES // (4 * cols)) if device.type == "cpu" else rows
+    work = torch.empty(min(step, rows), cols, device=device)
+    magnitude = None if delta.magnitude is None else delta.magnitude.to(device, torch.float32)
+    for i in range(0, rows, step):
+        block = work[:min(step, rows - i)].copy_(w[i:i + step])
+        block.addmm_(left[i:i + step], right, alpha=delta.scale)
+        if magnitude is not None:  # DoRA: each output row rescaled to its magnitude over the norm of W + ΔW
+            block.mul_((magnitude[i:i + step] / torch.linalg.norm(block, dim=1)).unsqueeze(1))
+        o[i:i + step].copy_(block)
+    return out
 
 
 def _check_paths(base_dir: Path, adapter_dirs: list[Path], out: Path, overwrite: bool) -> None:
