@@ -198,16 +198,17 @@ LOAD_CODE = ("import time; from workbench import load_model; t = time.perf_count
 IMPORT_CODE = "import workbench, workbench.merge, torch"
 
 
-def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None, rounds: int = 1) -> dict:
+def run_merge_load(folder: Path, keep: bool = False, before: dict[str, Path] | None = None, rounds: int = 1) -> dict:
     """Write (or reuse) the random release and adapter under `folder`, time everything, return a dict.
 
-    Each round copies the files, then merges: with `before` (a source tree of an earlier workbench,
-    e.g. `git archive` of main) that tree's merge first; then the current merge on a base it has
-    never hashed (an empty digest cache: it hashes every file while merging); then the current merge
-    again with the digests the first left behind, as a merge after `workbench train` finds them
-    (digests.py: the base is only read). Every merge is checked by hand. The machine's state moves
-    the times by tens of percent from one round to the next, so ratios are taken within a round
-    and summarised by their median over the rounds. Read and load are timed once, after the rounds.
+    Each round copies the files, then merges with every source tree: `before` maps a label to a
+    source tree of an earlier workbench (e.g. `git archive` of main), merged in turn before this
+    checkout ("current"). Each tree merges twice: on a base it has never hashed (an empty digest
+    cache: it hashes every file while merging), then again with the digests the first left behind,
+    as a merge after `workbench train` finds them (digests.py: the base is only read; a tree that
+    does not remember digests hashes again). Every merge is checked by hand. The machine's state
+    moves the times by tens of percent from one round to the next, so ratios are taken within a
+    round and summarised by their median over the rounds. Read and load are timed once, after the rounds.
     """
     base = write_release(folder / "base")
     adapter = write_adapter(folder / "adapter")
@@ -216,10 +217,12 @@ def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None,
     largest = max(p.stat().st_size for p in base_files)
     results: dict = {"weight_bytes": weight_bytes, "largest_shard_bytes": largest, "files": len(base_files)}
     results["import_s"], results["import_rss"] = timed_child(IMPORT_CODE, [])
-    results["rounds"] = [merge_round(folder, base, adapter, before, keep and i == rounds - 1)
+    trees = {**(before or {}), CURRENT: None}
+    results["rounds"] = [merge_round(folder, base, adapter, trees, keep and i == rounds - 1)
                          for i in tqdm(range(rounds), desc="merge rounds", unit="round", disable=rounds < 2)]
-    results["medians"] = {f"{phase}_over_copy": statistics.median(r[phase]["over_copy"] for r in results["rounds"])
-                          for phase in results["rounds"][0] if phase in MERGES}
+    results["medians"] = {label: {phase: statistics.median(r["merges"][label][phase]["over_copy"]
+                                                           for r in results["rounds"]) for phase in PHASES}
+                          for label in trees}
     results["read_s"] = timed_read(base)
     results["load_s"], results["load_rss"] = timed_child(LOAD_CODE.format(base=str(base)), base_files)
     results["load_over_read"] = results["load_s"] / results["read_s"]
@@ -227,39 +230,41 @@ def run_merge_load(folder: Path, keep: bool = False, before: Path | None = None,
     return results
 
 
-MERGES = ("before", "merge", "remembered_merge")  # in the order a round runs them
+CURRENT = "current"  # this checkout, among the source trees a round merges with
+PHASES = ("never_hashed", "remembered")  # each tree's two merges, in the order a round runs them
 
 
-def merge_round(folder: Path, base: Path, adapter: Path, before: Path | None, keep: bool) -> dict:
-    """One copy and the merges after it, each from a cold page cache: {phase: its numbers}."""
+def merge_round(folder: Path, base: Path, adapter: Path, trees: dict[str, Path | None], keep: bool) -> dict:
+    """One copy and the merges after it, each from a cold page cache: {"merges": {tree: {phase: numbers}}}.
+    `trees` maps labels to source trees (None: this checkout); `keep` keeps the last merged folder."""
     base_files = weight_files(base)
     largest = max(p.stat().st_size for p in base_files)
-    result: dict = {"load_average": {"start": os.getloadavg()[0]}}
+    result: dict = {"load_average": {"start": os.getloadavg()[0]}, "merges": {}}
     result["copy_s"] = timed_copy(base, folder / "copy")
     shutil.rmtree(folder / "copy")  # disk: the release fits three times on a 73 GB disk, not four
     merged, digest_cache = folder / "merged", folder / "digest-cache"
-    shutil.rmtree(digest_cache, ignore_errors=True)  # "merge" meets the base for the first time
     code = MERGE_CLI.format(base=str(base), adapter=str(adapter), out=str(merged))
-    for phase in MERGES if before is not None else MERGES[1:]:
-        cpu: dict = {}
-        seconds, rss = timed_child(code, base_files, before if phase == "before" else None, cpu,
-                                   digest_cache=digest_cache)
-        result[phase] = {"s": seconds, "over_copy": seconds / result["copy_s"], "rss": rss,
-                         "rss_over_bound": rss / (largest + 2e9), "cpu": cpu, **check_merge(base, adapter, merged)}
-        result["load_average"][phase] = os.getloadavg()[0]
-        if not (keep and phase == MERGES[-1]):
-            shutil.rmtree(merged)
+    for label, tree in trees.items():
+        shutil.rmtree(digest_cache, ignore_errors=True)  # each tree meets the base for the first time
+        for phase in PHASES:
+            cpu: dict = {}
+            seconds, rss = timed_child(code, base_files, tree, cpu, digest_cache=digest_cache)
+            result["merges"].setdefault(label, {})[phase] = {
+                "s": seconds, "over_copy": seconds / result["copy_s"], "rss": rss, "rss_over_bound": rss / (largest + 2e9),
+                "cpu": cpu, **check_merge(base, adapter, merged)}
+            result["load_average"][f"{label} {phase}"] = os.getloadavg()[0]
+            if not (keep and (label, phase) == (list(trees)[-1], PHASES[-1])):
+                shutil.rmtree(merged)
     return result
 
 
 def format_results(r: dict) -> str:
     gb = 1e9
-    names = {"before": "merge before", "merge": "merge, base never hashed",
-             "remembered_merge": "merge, digests remembered"}
 
-    def merge_line(phase: str, m: dict) -> str:
+    def merge_line(label: str, phase: str, m: dict) -> str:
         cpu = m["cpu"]
-        return (f"  {names[phase]:26s} {m['s']:6.1f} s = {m['over_copy']:.2f}x copy; CPU {cpu['user_s'] + cpu['system_s']:.1f} s "
+        name = f"{label}, {phase.replace('_', ' ')}"
+        return (f"  {name:30s} {m['s']:6.1f} s = {m['over_copy']:.2f}x copy; CPU {cpu['user_s'] + cpu['system_s']:.1f} s "
                 f"(user {cpu['user_s']:.1f}, system {cpu['system_s']:.1f}); peak RSS {m['rss'] / gb:.2f} GB; "
                 f"W + scale BA by hand: {m['probe_equal']}, untouched bit-equal: {m['untouched_bit_equal']}")
 
@@ -267,10 +272,11 @@ def format_results(r: dict) -> str:
              f"peak RSS bound: largest + 2 GB = {(r['largest_shard_bytes'] + 2e9) / gb:.2f} GB)"]
     for i, rnd in enumerate(r["rounds"], start=1):
         loads = " ".join(f"{v:.1f}" for v in rnd["load_average"].values())
-        lines.append(f"round {i}: copy {rnd['copy_s']:.1f} s (load average at each phase's start/end: {loads})")
-        lines += [merge_line(phase, rnd[phase]) for phase in MERGES if phase in rnd]
-    lines.append("median over rounds: " + ", ".join(f"{names[k.removesuffix('_over_copy')]} {v:.2f}x copy"
-                                                     for k, v in r["medians"].items()))
+        lines.append(f"round {i}: copy {rnd['copy_s']:.1f} s (load average at the start and after each merge: {loads})")
+        lines += [merge_line(label, phase, m) for label, phases in rnd["merges"].items() for phase, m in phases.items()]
+    medians = [f"{label} {phase.replace('_', ' ')} {v:.2f}x" for label, phases in r["medians"].items()
+               for phase, v in phases.items()]
+    lines.append("median over rounds, merge / copy: " + "; ".join(medians))
     lines += [
         f"read   {r['read_s']:7.1f} s",
         f"load   {r['load_s']:7.1f} s  = {r['load_over_read']:.2f}x read   peak RSS {r['load_rss'] / gb:.2f} GB "
@@ -293,20 +299,28 @@ def as_json(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m workbench.bench.merge_load DIR --before SRC`: `workbench bench --merge-load DIR`
-    with the merge of an earlier source tree timed in the same run."""
+    """`python -m workbench.bench.merge_load DIR --before LABEL=SRC ...`: `workbench bench --merge-load DIR`
+    with the merges of earlier source trees timed in the same rounds."""
     import argparse
 
     from workbench.atomic import write_text
 
     p = argparse.ArgumentParser(prog="python -m workbench.bench.merge_load", description=main.__doc__)
     p.add_argument("folder", type=Path)
-    p.add_argument("--before", type=Path, default=None, help="source tree whose merge is timed as 'before'")
+    p.add_argument("--before", action="append", default=[], metavar="LABEL=SRC",
+                   help="an earlier source tree, merged in the same rounds under LABEL (repeatable)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON")
     p.add_argument("--keep", action="store_true", help="keep the merged folder")
     p.add_argument("--rounds", type=int, default=3, help="copy-and-merges rounds (medians are reported)")
     args = p.parse_args(argv)
-    results = run_merge_load(args.folder, keep=args.keep, before=args.before, rounds=args.rounds)
+    before = {}
+    for item in args.before:
+        label, sep, src = item.partition("=")
+        if not sep or not label or label == CURRENT or not (Path(src) / "workbench").is_dir():
+            p.error(f"--before {item}: expected LABEL=SRC, SRC a folder holding a workbench/ source tree "
+                    f"and LABEL not {CURRENT!r}")
+        before[label] = Path(src)
+    results = run_merge_load(args.folder, keep=args.keep, before=before, rounds=args.rounds)
     print(format_results(results))
     if args.out is not None:
         write_text(args.out, as_json(results))
