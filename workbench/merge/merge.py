@@ -233,7 +233,7 @@ def _out_dtype(base: torch.dtype, dtype: torch.dtype | None) -> torch.dtype:
 
 # Rows of float32 the CPU maths take per step: W's rows are converted, updated and cast back while
 # they sit in the cache, where a whole float32 copy of a 200 MB weight would go through memory
-# three times (BENCHMARKS.md: a fifth less CPU for the same bits).
+# three times (BENCHMARKS.md, "The maths in row blocks": less CPU, the same bits).
 BLOCK_BYTES = 4 << 20
 
 
